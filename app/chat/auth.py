@@ -1,0 +1,51 @@
+"""WebSocket authentication: bearer token for programs, session cookie (and Origin check) for browsers.
+
+A token can come as `?token=` or an `Authorization: Bearer` header. Cookie-authenticated sockets
+must come from an allowed Origin (cross-site WebSocket hijacking); token clients send no cookie,
+so they need no Origin. An unauthenticated socket is accepted and closed with 4001 by the
+consumer, so clients can tell "log in again" from a network failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.auth import AuthMiddlewareStack
+from channels.db import database_sync_to_async
+from channels.security.websocket import OriginValidator
+from django.contrib.auth.models import AnonymousUser
+from parley.config import CONFIG
+
+from chat.models import ApiToken
+
+
+def token_from_scope(scope: dict[str, Any]) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credentials.strip():
+                return credentials.strip()
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    tokens = query.get("token")
+    return tokens[0] if tokens else None
+
+
+def user_for_token(key: str) -> Any:
+    token = ApiToken.objects.select_related("user").filter(key=key).first()
+    if token is None or not token.user.is_active:
+        return AnonymousUser()
+    return token.user
+
+
+class TokenOrSessionAuth:
+    def __init__(self, inner: Any) -> None:
+        self.token_app = inner
+        self.session_app = OriginValidator(AuthMiddlewareStack(inner), CONFIG.origins)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        key = token_from_scope(scope)
+        if key is not None:
+            user = await database_sync_to_async(user_for_token)(key)
+            return await self.token_app({**scope, "user": user}, receive, send)
+        return await self.session_app(scope, receive, send)

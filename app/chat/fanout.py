@@ -1,0 +1,269 @@
+"""Room fan-out: one Redis subscription per room per process, frames encoded once.
+
+A worker publishes each stored message once, to the room's topic on the room's shard. Every
+protocol process that has members of the room holds one subscription to that topic and hands the
+already-encoded frame to each local member. Redis work per message per process is O(1), and so is
+decoding and encoding: members receive the very bytes the worker published.
+
+Pub/sub is at-most-once: a message published while a subscription is down is gone. So every
+(re)connect of a shard's subscription after the first calls `on_reset` for the rooms it carries;
+members then catch up from the database (PostgreSQL is the truth, Redis only the transport).
+
+Wire format of a published payload: `<seq>\n<frame JSON>`, `<seq>` empty for ephemeral frames
+(typing, presence, read) that have no place in the room's sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import weakref
+from collections.abc import Iterable
+from typing import Protocol
+
+from parley.sharding import shard_index
+from redis.asyncio.connection import Connection, parse_url
+from redis.exceptions import RedisError
+
+from chat import metrics
+from chat.process import process_id
+from chat.redis_pool import client_for, shard_urls
+
+log = logging.getLogger(__name__)
+
+TOPIC_PREFIX = "parley:room:"
+SUBSCRIBE_TIMEOUT = 5.0
+PING_EVERY = 10.0
+DEAD_AFTER = 30.0
+
+
+class BusUnavailable(Exception):
+    """The room's Redis shard cannot be reached right now."""
+
+
+class Member(Protocol):
+    def deliver(self, room: int, seq: int | None, text: str) -> None: ...
+    def resync(self, room: int) -> None: ...
+
+
+def topic(room: int) -> str:
+    return f"{TOPIC_PREFIX}{room}"
+
+
+def encode(seq: int | None, frame_json: str) -> str:
+    return f"{'' if seq is None else seq}\n{frame_json}"
+
+
+async def publish(room: int, seq: int | None, frame_json: str) -> None:
+    """Publish one frame to a room (from a worker or a protocol process)."""
+    name = topic(room)
+    await client_for(name).publish(name, encode(seq, frame_json))
+
+
+async def publish_many(items: Iterable[tuple[int, int | None, str]]) -> None:
+    """Publish several frames with one round trip per shard, in the order given."""
+    by_shard: dict[int, list[tuple[str, str]]] = {}
+    urls = shard_urls()
+    for room, seq, frame_json in items:
+        name = topic(room)
+        by_shard.setdefault(shard_index(urls, name), []).append((name, encode(seq, frame_json)))
+    for batch in by_shard.values():
+        pipe = client_for(batch[0][0]).pipeline(transaction=False)
+        for name, payload in batch:
+            pipe.publish(name, payload)
+        await pipe.execute()
+
+
+class ShardSubscriber:
+    """One pub/sub connection to one shard, kept alive and re-subscribed by a supervisor task."""
+
+    def __init__(self, url: str, bus: RoomBus) -> None:
+        self.url = url
+        self.bus = bus
+        self.topics: set[str] = set()
+        self.connection: Connection | None = None
+        self.connected = asyncio.Event()
+        self.waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self.last_seen = time.monotonic()
+        self.connects = 0
+        self.task = asyncio.get_running_loop().create_task(self._supervise(), name=f"bus:{url}")
+
+    async def subscribe(self, name: str) -> None:
+        self.topics.add(name)
+        try:
+            await asyncio.wait_for(self.connected.wait(), SUBSCRIBE_TIMEOUT)
+        except TimeoutError:
+            raise BusUnavailable(f"Redis shard {self.url} unreachable") from None
+        confirmed = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(name, []).append(confirmed)
+        try:
+            assert self.connection is not None
+            await self.connection.send_command("SUBSCRIBE", name)
+            # Only the server's confirmation means later PUBLISHes will reach us.
+            await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT)
+        except (RedisError, OSError, TimeoutError, AssertionError) as exc:
+            raise BusUnavailable(f"could not subscribe on {self.url}: {exc}") from None
+        finally:
+            waiters = self.waiting.get(name, [])
+            if confirmed in waiters:
+                waiters.remove(confirmed)
+
+    async def unsubscribe(self, name: str) -> None:
+        self.topics.discard(name)
+        if self.connection is not None and self.connected.is_set():
+            try:
+                await self.connection.send_command("UNSUBSCRIBE", name)
+            except (RedisError, OSError):
+                pass  # the reconnect will not re-subscribe it: it is gone from self.topics
+
+    async def _supervise(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._run_connection()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("room bus lost shard %s: %s", self.url, exc)
+            except Exception:
+                log.exception("room bus reader for %s crashed; restarting", self.url)
+            self.connected.clear()
+            if self.connection is not None:
+                await self.connection.disconnect()
+                self.connection = None
+            metrics.BUS_RECONNECTS.inc()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _run_connection(self) -> None:
+        options = parse_url(self.url)
+        options.pop("connection_class", None)
+        # RESP2: subscription replies come back from read_response (RESP3 routes them to push handlers).
+        options["protocol"] = 2
+        connection = Connection(**options, socket_keepalive=True, socket_connect_timeout=5)
+        await connection.connect()
+        self.connection = connection
+        self.last_seen = time.monotonic()
+        topics = [self.bus.control_topic, *self.topics]
+        await connection.send_command("SUBSCRIBE", *topics)
+        self.connects += 1
+        self.connected.set()
+        if self.connects > 1:
+            # Whatever was published while we were away is lost to pub/sub: catch up from the DB.
+            self.bus.reset_rooms(self.topics)
+        pinger = asyncio.get_running_loop().create_task(self._ping(connection))
+        try:
+            while True:
+                response = await connection.read_response(timeout=math.inf, disconnect_on_error=True)
+                self.last_seen = time.monotonic()
+                self._handle(response)
+        finally:
+            pinger.cancel()
+
+    def _handle(self, response: list) -> None:
+        kind = response[0]
+        if kind == b"message":
+            self.bus.dispatch(response[1], response[2])
+        elif kind == b"subscribe":
+            for future in self.waiting.pop(response[1].decode(), []):
+                if not future.done():
+                    future.set_result(None)
+
+    async def _ping(self, connection: Connection) -> None:
+        # A half-open TCP connection looks like a quiet room; PING tells them apart.
+        while True:
+            await asyncio.sleep(PING_EVERY)
+            if time.monotonic() - self.last_seen > DEAD_AFTER:
+                log.warning("room bus shard %s silent for %.0fs; reconnecting", self.url, DEAD_AFTER)
+                await connection.disconnect()
+                return
+            await connection.send_command("PING")
+
+    async def close(self) -> None:
+        self.task.cancel()
+        if self.connection is not None:
+            await self.connection.disconnect()
+
+
+class RoomBus:
+    """This process's subscriptions and the local members of each room."""
+
+    def __init__(self, process_id: str) -> None:
+        self.control_topic = f"parley:process:{process_id}"
+        self.members: dict[int, set[Member]] = {}
+        self.shards: list[ShardSubscriber] = []
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._topic_rooms: dict[bytes, int] = {}
+
+    def _shard(self, name: str) -> ShardSubscriber:
+        if not self.shards:
+            self.shards = [ShardSubscriber(url, self) for url in shard_urls()]
+        return self.shards[shard_index(shard_urls(), name)]
+
+    async def join(self, room: int, member: Member) -> None:
+        """Add a local member; the first one subscribes (and waits for Redis to confirm)."""
+        lock = self._locks.setdefault(room, asyncio.Lock())
+        async with lock:
+            members = self.members.get(room)
+            if members:
+                members.add(member)
+                return
+            await self._shard(topic(room)).subscribe(topic(room))
+            self.members[room] = {member}
+            metrics.SUBSCRIBED_ROOMS.set(len(self.members))
+
+    async def leave(self, room: int, member: Member) -> None:
+        lock = self._locks.setdefault(room, asyncio.Lock())
+        async with lock:
+            members = self.members.get(room)
+            if not members:
+                return
+            members.discard(member)
+            if members:
+                return
+            del self.members[room]
+            self._locks.pop(room, None)
+            metrics.SUBSCRIBED_ROOMS.set(len(self.members))
+            await self._shard(topic(room)).unsubscribe(topic(room))
+
+    def dispatch(self, channel: bytes, data: bytes) -> None:
+        room = self._topic_rooms.get(channel)
+        if room is None:
+            if not channel.startswith(TOPIC_PREFIX.encode()):
+                return
+            room = self._topic_rooms[channel] = int(channel[len(TOPIC_PREFIX):])
+        members = self.members.get(room)
+        if not members:
+            return
+        head, _, body = data.partition(b"\n")
+        seq = int(head) if head else None
+        # Decode once per process; every member gets the same str object.
+        text = body.decode()
+        metrics.FANOUT_IN.inc()
+        for member in tuple(members):
+            member.deliver(room, seq, text)
+
+    def reset_rooms(self, topics: Iterable[str]) -> None:
+        for name in topics:
+            if not name.startswith(TOPIC_PREFIX):
+                continue
+            for member in tuple(self.members.get(int(name[len(TOPIC_PREFIX):]), ())):
+                member.resync(int(name[len(TOPIC_PREFIX):]))
+
+    async def close(self) -> None:
+        for shard in self.shards:
+            await shard.close()
+        self.shards = []
+
+
+_buses: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RoomBus] = weakref.WeakKeyDictionary()
+
+
+def get_bus() -> RoomBus:
+    loop = asyncio.get_running_loop()
+    bus = _buses.get(loop)
+    if bus is None:
+        bus = _buses[loop] = RoomBus(process_id())
+    return bus

@@ -1,0 +1,44 @@
+"""Redis clients, one per shard and per event loop, with a deliberately sized blocking pool."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+
+from parley.config import CONFIG
+from parley.sharding import shard_index
+from redis import asyncio as aioredis
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[aioredis.Redis]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shard_urls() -> list[str]:
+    return CONFIG.redis_urls
+
+
+def make_client(url: str) -> aioredis.Redis:
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=CONFIG.redis_pool_size,
+        timeout=CONFIG.redis_pool_timeout,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+        socket_timeout=10,
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def clients() -> list[aioredis.Redis]:
+    """This loop's client for every shard (tests run one loop per test; servers one per process)."""
+    loop = asyncio.get_running_loop()
+    found = _clients.get(loop)
+    if found is None:
+        found = _clients[loop] = [make_client(url) for url in shard_urls()]
+    return found
+
+
+def client_for(key: str) -> aioredis.Redis:
+    return clients()[shard_index(shard_urls(), key)]

@@ -1,0 +1,338 @@
+"""Database operations of the chat domain (synchronous: call through database_sync_to_async).
+
+Authorization lives here too, so the WebSocket consumer, the HTTP API and the workers apply the
+same rules: only members read or post; nobody joins a DM, a bot chat or a private room uninvited.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+
+from chat.models import Bot, Membership, Message, Room
+from chat.protocol import ErrorCode, ProtocolError
+
+User = get_user_model()
+
+
+def user_ref(user_id: int | None, username: str | None) -> dict[str, Any] | None:
+    if user_id is None:
+        return None
+    return {"id": user_id, "username": username}
+
+
+def message_frame(message: Message, sender_username: str | None) -> dict[str, Any]:
+    """The one `message` frame shape, for live fan-out, resume and history alike."""
+    return {
+        "type": "message",
+        "room": message.room_id,
+        "seq": message.seq,
+        "sender": user_ref(message.sender_id, sender_username),
+        "body": message.body,
+        "kind": message.kind,
+        "sent_at": message.created_at.isoformat().replace("+00:00", "Z"),
+        "client_msg_id": message.client_msg_id,
+    }
+
+
+def room_dict(room: Room, user_id: int | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": room.pk,
+        "name": room.name,
+        "kind": room.kind,
+        "private": room.private,
+        "last_seq": room.last_seq,
+    }
+    if room.kind in (Room.Kind.DM, Room.Kind.BOT) and user_id is not None:
+        others = [m.user for m in room.memberships.select_related("user") if m.user_id != user_id]
+        if others:
+            data["name"] = others[0].get_username()
+            data["peer"] = user_ref(others[0].pk, others[0].get_username())
+    return data
+
+
+# --- rooms and membership ---------------------------------------------------------------------
+
+
+def can_join(room: Room, user_id: int) -> bool:
+    if Membership.objects.filter(room=room, user_id=user_id).exists():
+        return True
+    return room.kind == Room.Kind.GROUP and not room.private
+
+
+def join_room(user_id: int, room_id: int) -> dict[str, Any]:
+    """Make the user a member if the room allows it; return the room as the user sees it."""
+    room = Room.objects.filter(pk=room_id).first()
+    if room is None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"room {room_id} does not exist")
+    membership = Membership.objects.filter(room=room, user_id=user_id).first()
+    if membership is None:
+        if not can_join(room, user_id):
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"you are not a member of room {room_id}")
+        membership, _ = Membership.objects.get_or_create(room=room, user_id=user_id)
+    data = room_dict(room, user_id)
+    data["last_read_seq"] = membership.last_read_seq
+    return data
+
+
+def leave_room(user_id: int, room_id: int) -> None:
+    """Leaving a group ends the membership; DMs and bot chats cannot be left, only closed."""
+    Membership.objects.filter(room_id=room_id, user_id=user_id, room__kind=Room.Kind.GROUP).delete()
+
+
+def require_member(user_id: int, room_id: int) -> None:
+    if not Membership.objects.filter(room_id=room_id, user_id=user_id).exists():
+        if not Room.objects.filter(pk=room_id).exists():
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"room {room_id} does not exist")
+        raise ProtocolError(ErrorCode.FORBIDDEN, f"you are not a member of room {room_id}")
+
+
+def create_group(user: AbstractBaseUser, name: str, private: bool) -> Room:
+    with transaction.atomic():
+        room = Room.objects.create(name=name, kind=Room.Kind.GROUP, private=private, created_by=user)
+        Membership.objects.create(room=room, user=user)
+    return room
+
+
+def invite(inviter_id: int, room_id: int, username: str) -> Room:
+    require_member(inviter_id, room_id)
+    room = Room.objects.get(pk=room_id)
+    if room.kind != Room.Kind.GROUP:
+        raise ProtocolError(ErrorCode.FORBIDDEN, "only group rooms take invitations")
+    invitee = User.objects.filter(username=username).first()
+    if invitee is None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"no user named {username!r}")
+    Membership.objects.get_or_create(room=room, user=invitee)
+    return room
+
+
+def _pair_key(a: int, b: int) -> str:
+    low, high = sorted((a, b))
+    return f"{low}:{high}"
+
+
+def open_dm(user: AbstractBaseUser, other_username: str) -> Room:
+    """Open (or find) the 1:1 room of two users; a bot's name opens a bot chat."""
+    other = User.objects.filter(username=other_username).first()
+    if other is None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"no user named {other_username!r}")
+    if other.pk == user.pk:
+        raise ProtocolError(ErrorCode.FORBIDDEN, "a direct message needs another user")
+    bot = Bot.objects.filter(user=other).first()
+    key = _pair_key(user.pk, other.pk)
+    existing = Room.objects.filter(pair_key=key).first()
+    if existing is not None:
+        return existing
+    try:
+        with transaction.atomic():
+            room = Room.objects.create(
+                name=f"{user.get_username()} & {other.get_username()}",
+                kind=Room.Kind.BOT if bot else Room.Kind.DM,
+                private=True,
+                created_by=user,
+                pair_key=key,
+                bot=bot,
+            )
+            Membership.objects.bulk_create([Membership(room=room, user=user), Membership(room=room, user=other)])
+            return room
+    except IntegrityError:
+        # Both users opened it at once: the other transaction won, its room is the room.
+        return Room.objects.get(pair_key=key)
+
+
+def rooms_for(user_id: int) -> list[dict[str, Any]]:
+    memberships = (
+        Membership.objects.filter(user_id=user_id).select_related("room").order_by("room__kind", "room_id")
+    )
+    result = []
+    for membership in memberships:
+        data = room_dict(membership.room, user_id)
+        data["last_read_seq"] = membership.last_read_seq
+        data["unread"] = max(0, membership.room.last_seq - membership.last_read_seq)
+        result.append(data)
+    return result
+
+
+def public_rooms(user_id: int) -> list[dict[str, Any]]:
+    mine = Membership.objects.filter(user_id=user_id).values("room_id")
+    rooms = Room.objects.filter(kind=Room.Kind.GROUP, private=False).exclude(pk__in=mine).order_by("pk")[:100]
+    return [room_dict(r) for r in rooms]
+
+
+def mark_read(user_id: int, room_id: int, seq: int) -> int:
+    """Move the read marker forward (never back, never past the last message)."""
+    membership = Membership.objects.select_related("room").filter(room_id=room_id, user_id=user_id).first()
+    if membership is None:
+        require_member(user_id, room_id)
+        raise AssertionError("unreachable")
+    seq = min(seq, membership.room.last_seq)
+    if seq > membership.last_read_seq:
+        Membership.objects.filter(pk=membership.pk, last_read_seq__lt=seq).update(last_read_seq=seq)
+        return seq
+    return membership.last_read_seq
+
+
+# --- reading messages ---------------------------------------------------------------------------
+
+
+def _frames(queryset: Any) -> list[dict[str, Any]]:
+    return [message_frame(m, m.sender.get_username() if m.sender else None) for m in queryset]
+
+
+def messages_after(room_id: int, after_seq: int, limit: int) -> list[dict[str, Any]]:
+    """Messages with seq > after_seq, oldest first, at most `limit`."""
+    rows = (
+        Message.objects.filter(room_id=room_id, seq__gt=after_seq)
+        .select_related("sender")
+        .order_by("seq")[:limit]
+    )
+    return _frames(rows)
+
+
+def last_seqs(room_ids: list[int]) -> dict[int, int]:
+    return dict(Room.objects.filter(pk__in=room_ids).values_list("pk", "last_seq"))
+
+
+def history(user_id: int, room_id: int, before_seq: int | None, limit: int) -> tuple[list[dict], bool]:
+    """A page of history, oldest first, and whether older messages exist."""
+    require_member(user_id, room_id)
+    rows = Message.objects.filter(room_id=room_id).select_related("sender")
+    if before_seq is not None:
+        rows = rows.filter(seq__lt=before_seq)
+    page = list(rows.order_by("-seq")[: limit + 1])
+    has_more = len(page) > limit
+    return _frames(reversed(page[:limit])), has_more
+
+
+# --- storing messages ---------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What happened to one `persist.message`: stored, already stored, or refused."""
+
+    item: dict[str, Any]
+    status: str  # "stored" | "duplicate" | "error"
+    room: int | None = None
+    seq: int | None = None
+    frame: dict[str, Any] | None = None
+    code: ErrorCode | None = None
+    message: str = ""
+    bot_job: dict[str, Any] | None = field(default=None)
+
+
+def store_batch(items: list[dict[str, Any]]) -> list[Outcome]:
+    """Store a batch of messages: dedupe retries, check membership, assign seqs, insert.
+
+    One transaction for the whole batch (rooms locked in id order so concurrent workers cannot
+    deadlock). If a concurrent worker stored one of the same retries first, the batch falls back
+    to one transaction per message, so one conflict never costs the others.
+    """
+    try:
+        with transaction.atomic():
+            return _store(items)
+    except IntegrityError:
+        outcomes = []
+        for item in items:
+            try:
+                with transaction.atomic():
+                    outcomes.extend(_store([item]))
+            except IntegrityError:
+                outcomes.extend(_store_readonly_duplicate(item))
+        return outcomes
+
+
+def _store_readonly_duplicate(item: dict[str, Any]) -> list[Outcome]:
+    existing = Message.objects.filter(sender_id=item["sender"], client_msg_id=item["client_msg_id"]).first()
+    if existing is None:
+        return [Outcome(item, "error", code=ErrorCode.INTERNAL, message="could not store the message")]
+    return [Outcome(item, "duplicate", room=existing.room_id, seq=existing.seq)]
+
+
+def _store(items: list[dict[str, Any]]) -> list[Outcome]:
+    outcomes: list[Outcome | None] = [None] * len(items)
+    senders = {item["sender"] for item in items}
+    room_ids = {item["room"] for item in items}
+
+    existing = {
+        (m.sender_id, m.client_msg_id): m
+        for m in Message.objects.filter(
+            sender_id__in=senders, client_msg_id__in={i["client_msg_id"] for i in items}
+        ).select_related("sender")
+    }
+    members = set(
+        Membership.objects.filter(user_id__in=senders, room_id__in=room_ids).values_list("room_id", "user_id")
+    )
+    rooms = {r.pk: r for r in Room.objects.select_for_update().filter(pk__in=room_ids).order_by("pk")}
+    usernames = dict(User.objects.filter(pk__in=senders).values_list("pk", "username"))
+
+    seen: dict[tuple[int, str], int] = {}
+    per_room: dict[int, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        key = (item["sender"], item["client_msg_id"])
+        if key in existing:
+            found = existing[key]
+            outcomes[index] = Outcome(
+                item, "duplicate", room=found.room_id, seq=found.seq,
+                frame=message_frame(found, usernames.get(found.sender_id)),
+            )
+        elif key in seen:
+            outcomes[index] = Outcome(item, "duplicate")  # filled in once the first copy has a seq
+        elif item["room"] not in rooms:
+            outcomes[index] = Outcome(
+                item, "error", code=ErrorCode.NOT_FOUND, message=f"room {item['room']} does not exist"
+            )
+        elif (item["room"], item["sender"]) not in members:
+            outcomes[index] = Outcome(
+                item, "error", code=ErrorCode.FORBIDDEN, message=f"you are not a member of room {item['room']}"
+            )
+        else:
+            seen[key] = index
+            per_room[item["room"]].append(index)
+
+    new_messages = []
+    for room_id in sorted(per_room):
+        room = rooms[room_id]
+        for index in per_room[room_id]:
+            room.last_seq += 1
+            item = items[index]
+            message = Message(
+                room_id=room_id,
+                seq=room.last_seq,
+                sender_id=item["sender"],
+                body=item["body"],
+                kind=item.get("kind", Message.Kind.TEXT),
+                client_msg_id=item["client_msg_id"],
+            )
+            new_messages.append((index, message))
+        Room.objects.filter(pk=room_id).update(last_seq=room.last_seq)
+    Message.objects.bulk_create([m for _, m in new_messages])
+
+    for index, message in new_messages:
+        room = rooms[message.room_id]
+        outcome = Outcome(
+            items[index], "stored", room=message.room_id, seq=message.seq,
+            frame=message_frame(message, usernames.get(message.sender_id)),
+        )
+        if room.kind == Room.Kind.BOT and room.bot_id and message.kind == Message.Kind.TEXT:
+            bot_user_id = Bot.objects.filter(pk=room.bot_id).values_list("user_id", flat=True).first()
+            if bot_user_id != message.sender_id:
+                outcome.bot_job = {
+                    "type": "bot.reply", "room": room.pk, "bot": room.bot_id, "seq": message.seq,
+                    "sender": message.sender_id, "sender_name": usernames.get(message.sender_id, ""),
+                    "body": message.body,
+                }
+        outcomes[index] = outcome
+
+    for index, outcome in enumerate(outcomes):
+        assert outcome is not None
+        if outcome.status == "duplicate" and outcome.seq is None:
+            first = outcomes[seen[(items[index]["sender"], items[index]["client_msg_id"])]]
+            assert first is not None
+            outcome.room, outcome.seq = first.room, first.seq
+    return [o for o in outcomes if o is not None]

@@ -1,0 +1,164 @@
+"""Worker-channel consumers: `chat.persist` stores and fans out, `chat.bot` answers bot chats.
+
+`chat.persist` is the only writer of messages. It stores in batches (at most PARLEY_BATCH_MAX
+messages, waiting at most PARLEY_BATCH_WAIT_MS for a batch to fill), assigns seqs, then publishes
+every stored message once to its room and acks each sender. A message is acked only after its
+transaction committed; a crash before that loses no acked message: the client retries with the
+same client_msg_id and gets the stored seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from typing import Any
+
+from channels.consumer import AsyncConsumer
+from channels.db import database_sync_to_async
+from channels.exceptions import ChannelFull
+from channels.layers import get_channel_layer
+from parley.config import CONFIG
+from parley.layers import send_many
+
+from chat import bots, fanout, metrics, services
+from chat.protocol import ErrorCode, dumps
+
+log = logging.getLogger(__name__)
+
+PERSIST_CHANNEL = "chat.persist"
+BOT_CHANNEL = "chat.bot"
+
+
+class Batcher:
+    """Collects persist requests of one event loop and stores them in batches."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.lock = asyncio.Lock()
+        self.timer: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def add(self, item: dict[str, Any]) -> None:
+        self.items.append(item)
+        if len(self.items) >= CONFIG.batch_max:
+            # Holding the caller here is the backpressure: the worker stops pulling from Redis,
+            # so the queue depth the operator sees is the work really waiting.
+            await self.flush()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(CONFIG.batch_wait_ms / 1000, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        async with self.lock:
+            items, self.items = self.items, []
+            if items:
+                await store_and_deliver(items)
+
+
+async def store_and_deliver(items: list[dict[str, Any]]) -> None:
+    layer = get_channel_layer()
+    try:
+        outcomes = await database_sync_to_async(services.store_batch)(items)
+    except Exception:
+        log.exception("storing a batch of %d messages failed; senders will retry", len(items))
+        replies = [
+            (item["reply_to"], {"type": "chat.error", "code": str(ErrorCode.UNAVAILABLE),
+                                "message": "could not store the message; retry", "room": item["room"],
+                                "client_msg_id": item["client_msg_id"]})
+            for item in items if item.get("reply_to")
+        ]
+        if replies:
+            await send_many(layer, replies)
+        return
+    metrics.BATCH_SIZE.observe(len(items))
+
+    publish: list[tuple[int, int | None, str]] = []
+    replies: list[tuple[str, dict[str, Any]]] = []
+    bot_jobs: list[dict[str, Any]] = []
+    now = time.time()
+    for outcome in outcomes:
+        item = outcome.item
+        if outcome.status in ("stored", "duplicate"):
+            if outcome.frame is not None and outcome.room is not None:
+                # A duplicate is published again: if the first attempt died between commit and
+                # publish, this is what delivers it live (members drop seqs they already have).
+                publish.append((outcome.room, outcome.seq, dumps(outcome.frame)))
+            if outcome.status == "stored":
+                metrics.STORED.inc()
+                if "queued_at" in item:
+                    metrics.DELIVERY_LATENCY.observe(max(0.0, now - item["queued_at"]))
+            else:
+                metrics.DUPLICATES.inc()
+            if item.get("reply_to"):
+                replies.append((item["reply_to"], {
+                    "type": "chat.ack", "client_msg_id": item["client_msg_id"], "room": outcome.room,
+                    "seq": outcome.seq, "duplicate": outcome.status == "duplicate",
+                }))
+            if outcome.bot_job is not None:
+                bot_jobs.append(outcome.bot_job)
+        elif item.get("reply_to"):
+            replies.append((item["reply_to"], {
+                "type": "chat.error", "code": str(outcome.code), "message": outcome.message,
+                "room": item["room"], "client_msg_id": item["client_msg_id"],
+            }))
+    # Publish before acking: a sender who sees its ack can count on members having been sent it.
+    if publish:
+        await fanout.publish_many(publish)
+    if replies:
+        await send_many(layer, replies)
+    for job in bot_jobs:
+        await send_with_retry(layer, BOT_CHANNEL, job)
+
+
+async def send_with_retry(layer: Any, channel: str, message: dict[str, Any], attempts: int = 20) -> None:
+    for attempt in range(attempts):
+        try:
+            await layer.send(channel, message)
+            return
+        except ChannelFull:
+            await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
+    log.error("channel %s stayed full; dropped %s", channel, message.get("type"))
+
+
+_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Batcher] = weakref.WeakKeyDictionary()
+
+
+def batcher() -> Batcher:
+    loop = asyncio.get_running_loop()
+    if loop not in _batchers:
+        _batchers[loop] = Batcher()
+    return _batchers[loop]
+
+
+class PersistConsumer(AsyncConsumer):
+    async def persist_message(self, message: dict[str, Any]) -> None:
+        await batcher().add(message)
+
+
+class BotConsumer(AsyncConsumer):
+    async def bot_reply(self, job: dict[str, Any]) -> None:
+        try:
+            bot_user, reply = await database_sync_to_async(bots.answer)(job["bot"], job["sender_name"], job["body"])
+        except Exception:
+            log.exception("bot %s could not answer in room %s", job.get("bot"), job.get("room"))
+            return
+        await send_with_retry(self.channel_layer, PERSIST_CHANNEL, {
+            "type": "persist.message",
+            "room": job["room"],
+            "sender": bot_user,
+            "body": reply,
+            "kind": "bot",
+            # Derived from the message answered: a re-delivered job is stored once.
+            "client_msg_id": f"bot.{job['room']}.{job['seq']}",
+            "reply_to": None,
+            "queued_at": time.time(),
+        })

@@ -1,0 +1,25 @@
+"""ASGI entry point for protocol processes (Daphne or uvicorn) and workers (runworker)."""
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "parley.settings")
+
+from django.core.asgi import get_asgi_application
+
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
+from chat.auth import TokenOrSessionAuth  # noqa: E402
+from chat.consumers import ChatConsumer  # noqa: E402
+from chat.workers import BotConsumer, PersistConsumer  # noqa: E402
+from django.urls import path  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": TokenOrSessionAuth(URLRouter([path("ws/", ChatConsumer.as_asgi())])),
+        "channel": ChannelNameRouter(
+            {"chat.persist": PersistConsumer.as_asgi(), "chat.bot": BotConsumer.as_asgi()}
+        ),
+    }
+)

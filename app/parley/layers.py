@@ -1,0 +1,110 @@
+"""The channel layer: channels-redis with sharding that routes correctly and a bounded pool.
+
+What changes against `channels_redis.core.RedisChannelLayer`:
+- Shard choice is rendezvous hashing on shard URLs (`parley.sharding`), for process inboxes on the
+  inbox name (so a send reaches the shard its receiver reads) and for named worker channels on
+  the channel name (a named channel lives on one shard: a worker blocking on one shard never
+  waits out a 5 s BZPOPMIN while its work sits on another).
+- Each shard gets a `BlockingConnectionPool` sized by `PARLEY_REDIS_POOL_SIZE`: a burst waits for
+  a connection instead of failing with MaxConnectionsError; and a socket timeout longer than the
+  5 s blocking receive (redis-py 8's default of 5 s breaks idle receives).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels_redis.core import RedisChannelLayer
+from redis import asyncio as aioredis
+
+from parley.config import CONFIG
+from parley.sharding import inbox_key, shard_index
+
+
+class ParleyChannelLayer(RedisChannelLayer):
+    def __init__(self, hosts: list[Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(hosts=hosts, **kwargs)
+        self.shard_ids = [str(h.get("address", h)) for h in self.hosts]
+        # Named channels have a fixed home shard; the round-robin generators are not used.
+        self._send_index_generator = None
+        self._receive_index_generator = None
+
+    def create_pool(self, index: int) -> aioredis.ConnectionPool:
+        host = dict(self.hosts[index])
+        address = host.pop("address", None)
+        options = {
+            "max_connections": CONFIG.redis_pool_size,
+            "timeout": CONFIG.redis_pool_timeout,
+            "health_check_interval": 30,
+            "socket_keepalive": True,
+            # redis-py 8 defaults socket_timeout to 5 s: exactly channels-redis' BZPOPMIN timeout,
+            # so an idle receive would die with TimeoutError. Give blocking reads headroom.
+            "socket_timeout": 30,
+            "socket_connect_timeout": 5,
+            **host,
+        }
+        if address is None:
+            return aioredis.BlockingConnectionPool(**options)
+        return aioredis.BlockingConnectionPool.from_url(address, **options)
+
+    def consistent_hash(self, value: str | bytes) -> int:
+        if isinstance(value, bytes):
+            value = value.decode()
+        return shard_index(self.shard_ids, inbox_key(value))
+
+    def shard_for_channel(self, channel: str) -> int:
+        return self.consistent_hash(channel)
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        if "!" not in channel:
+            # Pin named channels to their home shard (see module docstring). The parent reads
+            # the generator before its first await, so concurrent sends cannot see each other's.
+            self._send_index_generator = _Repeat(self.shard_for_channel(channel))
+        await super().send(channel, message)
+
+    async def receive_single(self, channel: str) -> tuple[str, dict[str, Any]]:
+        if "!" not in channel:
+            self._receive_index_generator = _Repeat(self.shard_for_channel(channel))
+        return await super().receive_single(channel)
+
+
+class _Repeat:
+    """An endless iterator of one value (what `next()` on the index generator must return)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __iter__(self) -> _Repeat:
+        return self
+
+    def __next__(self) -> int:
+        return self.value
+
+
+async def send_many(layer: RedisChannelLayer, messages: list[tuple[str, dict[str, Any]]]) -> None:
+    """Send many messages with one pipelined round trip per shard.
+
+    Same storage format as `RedisChannelLayer.send` (so `receive` reads them), minus the capacity
+    check: it is for replies to protocol processes (acks), whose inboxes are drained continuously.
+    """
+    import time
+
+    by_shard: dict[int, list[tuple[str, bytes]]] = {}
+    for channel, message in messages:
+        if "!" in channel:
+            message = {**message, "__asgi_channel__": channel}
+            key_name = layer.non_local_name(channel)
+        else:
+            key_name = channel
+        index = layer.consistent_hash(channel)
+        by_shard.setdefault(index, []).append((layer.prefix + key_name, layer.serialize(message)))
+    now = time.time()
+    for index, entries in by_shard.items():
+        pipe = layer.connection(index).pipeline(transaction=False)
+        for key in {k for k, _ in entries}:
+            pipe.zremrangebyscore(key, min=0, max=int(now) - int(layer.expiry))
+        for key, payload in entries:
+            pipe.zadd(key, {payload: now})
+        for key in {k for k, _ in entries}:
+            pipe.expire(key, int(layer.expiry))
+        await pipe.execute()

@@ -1,0 +1,21 @@
+from chat import views
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+urlpatterns = [
+    path("", views.index, name="index"),
+    path("login/", auth_views.LoginView.as_view(template_name="chat/login.html"), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(next_page="/login/"), name="logout"),
+    path("signup/", views.signup, name="signup"),
+    path("api/auth/token", views.issue_token),
+    path("api/auth/register", views.register),
+    path("api/me", views.me),
+    path("api/rooms", views.rooms),
+    path("api/rooms/<int:room_id>/members", views.members),
+    path("api/rooms/<int:room_id>/messages", views.messages),
+    path("api/dms", views.dms),
+    path("healthz", views.healthz),
+    path("readyz", views.readyz),
+    path("metrics", views.metrics_view),
+    path("internal/drain", views.drain),
+]

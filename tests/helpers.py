@@ -1,0 +1,68 @@
+"""Test helpers: users with tokens, and a real WebSocket client for server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import websockets
+from channels.db import database_sync_to_async
+from chat.models import ApiToken
+from django.contrib.auth import get_user_model
+
+
+def make_user(username: str, password: str = "password-123") -> tuple[Any, str]:
+    user = get_user_model().objects.create_user(username=username, password=password)
+    return user, ApiToken.objects.create(user=user).key
+
+
+amake_user = database_sync_to_async(make_user)
+
+
+class WsClient:
+    """A real WebSocket client (the `websockets` library) speaking Parley's JSON frames."""
+
+    def __init__(self, socket: websockets.ClientConnection) -> None:
+        self.socket = socket
+        self.frames: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, port: int, token: str, **kwargs: Any) -> WsClient:
+        socket = await websockets.connect(f"ws://127.0.0.1:{port}/ws/?token={token}", **kwargs)
+        client = cls(socket)
+        hello = await client.expect(lambda f: f["type"] == "hello")
+        assert hello["user"]["id"]
+        return client
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        await self.socket.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        frame = json.loads(await asyncio.wait_for(self.socket.recv(), timeout))
+        self.frames.append(frame)
+        return frame
+
+    async def expect(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+        """The first frame matching `predicate` (earlier non-matching frames are kept in .frames)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"no matching frame within {timeout}s; got {self.frames[-10:]}")
+            frame = await self.recv(remaining)
+            if predicate(frame):
+                return frame
+
+    async def join(self, room: int) -> dict[str, Any]:
+        await self.send({"type": "join", "room": room})
+        return await self.expect(lambda f: f["type"] in ("joined", "error") and f.get("room", room) == room)
+
+    async def close(self) -> None:
+        await self.socket.close()
+
+
+def messages_in(frames: list[dict[str, Any]], room: int) -> list[int]:
+    return [f["seq"] for f in frames if f["type"] == "message" and f["room"] == room]
