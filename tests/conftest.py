@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from django.db import connection
+
 from stack import Stack
 
 LOG_DIR = Path(__file__).resolve().parent.parent / "var" / "test-logs"
@@ -46,3 +47,54 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "postgres" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _clean_redis() -> Iterator[None]:
+    """Each test starts with an empty throwaway Redis (never a shared one: see run_tests.py)."""
+    import redis
+
+    for url in os.environ.get("REDIS_URLS", "").split(","):
+        if url and os.environ.get("PARLEY_TEST_REDIS_URL") is None:
+            client = redis.Redis.from_url(url)
+            # Clients of earlier tests' closed event loops can still sit in a blocking BZPOPMIN
+            # (their sockets were never closed) and would swallow this test's work: kill them.
+            for kind in ("normal", "pubsub"):
+                client.execute_command("CLIENT", "KILL", "TYPE", kind, "SKIPME", "yes")
+            client.flushall()
+            client.close()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_stray_db_sessions(django_db_setup: None, django_db_blocker) -> Iterator[None]:
+    """Threads of async tests keep connections open; the test database cannot be dropped then."""
+    yield
+    with django_db_blocker.unblock():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+
+
+@pytest.fixture
+async def worker(transactional_db: None):
+    """The real chat.persist/chat.bot worker, running in the test's event loop."""
+    import asyncio
+
+    from channels.layers import get_channel_layer
+
+    from chat.worker_server import ParleyWorker
+    from parley.asgi import application
+
+    server = ParleyWorker(application=application, channels=["chat.persist", "chat.bot"],
+                          channel_layer=get_channel_layer())
+    task = asyncio.get_running_loop().create_task(server.handle())
+    yield server
+    task.cancel()
+    for instance in list(server.application_instances.values()):
+        instance["future"].cancel()
+    await asyncio.gather(task, *(i["future"] for i in server.application_instances.values()),
+                         return_exceptions=True)

@@ -9,8 +9,9 @@ from typing import Any
 
 import websockets
 from channels.db import database_sync_to_async
-from chat.models import ApiToken
 from django.contrib.auth import get_user_model
+
+from chat.models import ApiToken
 
 
 def make_user(username: str, password: str = "password-123") -> tuple[Any, str]:

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 from channels.db import database_sync_to_async
+
 from chat.models import Message, Room
 from chat.services import create_group
-
 from tests.helpers import WsClient, amake_user, messages_in
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]

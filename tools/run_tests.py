@@ -36,10 +36,13 @@ def postgres_url() -> str | None:
 def main() -> int:
     env = dict(os.environ)
     pg = postgres_url()
+    # A name of its own per run: two runs at once (two developers' shells, CI beside a
+    # developer) must not create and drop each other's test database.
+    run_id = f"{os.getpid()}"
     if pg:
-        env["DATABASE_URL"] = pg
+        env["DATABASE_URL"] = f"{pg}_{run_id}"
     else:
-        env["DATABASE_URL"] = "sqlite:///var/test-parley.sqlite3"
+        env["DATABASE_URL"] = f"sqlite:///var/test-{run_id}.sqlite3"
     redis = None
     if env.get("PARLEY_TEST_REDIS_URL"):
         env["REDIS_URLS"] = env["PARLEY_TEST_REDIS_URL"]
@@ -49,6 +52,7 @@ def main() -> int:
     env.pop("REDIS_URL", None)
     # Test threads must not keep connections open: the test database is dropped at the end.
     env.setdefault("PARLEY_DB_CONN_MAX_AGE", "0")
+    env.setdefault("PARLEY_METRICS_PORT", "0")
     print(f"database: {env['DATABASE_URL']}  redis: {env['REDIS_URLS']}", flush=True)
     try:
         code = subprocess.call([sys.executable, "-m", "pytest", *sys.argv[1:]], env=env, cwd=REPO)

@@ -1,8 +1,9 @@
 """WebSocket authentication: bearer token for programs, session cookie (and Origin check) for browsers.
 
-A token can come as `?token=` or an `Authorization: Bearer` header. Cookie-authenticated sockets
-must come from an allowed Origin (cross-site WebSocket hijacking); token clients send no cookie,
-so they need no Origin. An unauthenticated socket is accepted and closed with 4001 by the
+A token can come as `?token=` or an `Authorization: Bearer` header. A socket that sends an
+Origin header (every browser does) must come from an allowed origin, else it is refused at the
+handshake (HTTP 403): that stops cross-site WebSocket hijacking with the user's cookie. Token
+clients and non-browser clients need no Origin. An unauthenticated socket is accepted and closed with 4001 by the
 consumer, so clients can tell "log in again" from a network failure.
 """
 
@@ -15,9 +16,9 @@ from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
 from channels.security.websocket import OriginValidator
 from django.contrib.auth.models import AnonymousUser
-from parley.config import CONFIG
 
 from chat.models import ApiToken
+from parley.config import CONFIG
 
 
 def token_from_scope(scope: dict[str, Any]) -> str | None:
@@ -41,11 +42,16 @@ def user_for_token(key: str) -> Any:
 class TokenOrSessionAuth:
     def __init__(self, inner: Any) -> None:
         self.token_app = inner
-        self.session_app = OriginValidator(AuthMiddlewareStack(inner), CONFIG.origins)
+        self.session_app = AuthMiddlewareStack(inner)
+        self.browser_app = OriginValidator(self.session_app, CONFIG.origins)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         key = token_from_scope(scope)
         if key is not None:
             user = await database_sync_to_async(user_for_token)(key)
             return await self.token_app({**scope, "user": user}, receive, send)
+        if any(name == b"origin" for name, _ in scope.get("headers", [])):
+            # Browsers always send Origin: check it, or any site could ride the user's cookie.
+            return await self.browser_app(scope, receive, send)
+        # No Origin means no browser, so no cross-site risk; the cookie (if any) decides.
         return await self.session_app(scope, receive, send)

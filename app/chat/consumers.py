@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,6 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.generic.websocket import AsyncWebsocketConsumer
-from parley.config import CONFIG
 from redis.exceptions import RedisError
 
 from chat import fanout, metrics, services
@@ -29,6 +29,7 @@ from chat.presence import PRESENCE
 from chat.process import STATE, ensure_heartbeat
 from chat.protocol import CloseCode, ErrorCode, ProtocolError, dumps, error_frame, parse
 from chat.ratelimit import TokenBucket
+from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         if STATE.draining:
             await self.accept()
-            await self.send(text_data=dumps({"type": "reconnect", "delay_ms": 0, "reason": "draining"}))
+            # Jittered like the drain itself, so refused clients do not come straight back.
+            delay = random.randint(CONFIG.reconnect_jitter_ms // 2, CONFIG.reconnect_jitter_ms)
+            await self.send(text_data=dumps({"type": "reconnect", "delay_ms": delay, "reason": "draining"}))
             await self.close(code=CloseCode.SERVICE_RESTART)
             return
         self.user_id: int = user.pk
@@ -243,12 +246,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # Live frames wait until the caller has sent `joined`, then `_release` lets them out.
             cursor.last_seq = info["last_seq"]
         else:
+            # The caller starts the catch-up once it has sent `joined`.
             cursor.last_seq = min(from_seq, info["last_seq"])
-            self._start_fill(room, announce=True)
         return info
 
     async def _arrive(self, room: int) -> None:
-        if PRESENCE.arrive(room, self.user_id):
+        if PRESENCE.arrive(room, self.user_id, self.username):
             await self._announce_presence(room, "online")
 
     async def _detach(self, room: int) -> None:
@@ -256,12 +259,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         await self.bus.leave(room, self)
         if PRESENCE.depart(room, self.user_id):
-            await PRESENCE.mark_offline(room, self.user_id)
+            await PRESENCE.mark_offline(room, self.user_id, self.username)
             await self._announce_presence(room, "offline")
 
     async def _announce_presence(self, room: int, status: str) -> None:
         if status == "online":
-            await PRESENCE.mark_online(room, self.user_id)
+            await PRESENCE.mark_online(room, self.user_id, self.username)
         frame = {"type": "presence", "room": room, "user": self._me(), "status": status}
         await fanout.publish(room, None, dumps(frame))
 
@@ -304,14 +307,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
         room = frame["room"]
         already = room in self.rooms
         info = await self._attach(room, None)
-        online = await PRESENCE.online(room)
-        if self.user_id not in online:
-            online.append(self.user_id)
-        self.push({"type": "joined", "room": room, "info": info, "online": online, "ref": ref})
+        await self._push_joined(room, info, ref)
         cursor = self.rooms.get(room)
         if cursor is not None and not already:
             self._release(room, cursor)
             await self._arrive(room)
+
+    async def _push_joined(self, room: int, info: dict[str, Any], ref: str | None) -> None:
+        online = await PRESENCE.online(room)
+        if all(user["id"] != self.user_id for user in online):
+            online.append(self._me())
+        self.push({"type": "joined", "room": room, "info": info, "online": online, "ref": ref})
 
     async def on_leave(self, frame: dict[str, Any], ref: str | None) -> None:
         await self._detach(frame["room"])
@@ -322,11 +328,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             room = int(key)
             already = room in self.rooms
             try:
-                await self._attach(room, last_seq)
+                info = await self._attach(room, last_seq)
             except ProtocolError as exc:
                 self.push_error(exc.code, exc.message, ref, room=room)
                 continue
             if not already:
+                # joined, then the missed messages, then resumed: a client can rebuild the room.
+                await self._push_joined(room, info, ref)
+                self._start_fill(room, announce=True)
                 await self._arrive(room)
 
     async def on_send(self, frame: dict[str, Any], ref: str | None) -> None:

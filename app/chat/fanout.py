@@ -23,13 +23,13 @@ import weakref
 from collections.abc import Iterable
 from typing import Protocol
 
-from parley.sharding import shard_index
 from redis.asyncio.connection import Connection, parse_url
 from redis.exceptions import RedisError
 
 from chat import metrics
-from chat.process import process_id
+from chat.process import process_id, raise_if_cancelling
 from chat.redis_pool import client_for, shard_urls
+from parley.sharding import shard_index
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class ShardSubscriber:
                 log.warning("room bus lost shard %s: %s", self.url, exc)
             except Exception:
                 log.exception("room bus reader for %s crashed; restarting", self.url)
+            raise_if_cancelling()
             self.connected.clear()
             if self.connection is not None:
                 await self.connection.disconnect()

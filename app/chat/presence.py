@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from parley.config import CONFIG
-
 from chat.redis_pool import client_for
+from parley.config import CONFIG
 
 
 def presence_key(room: int) -> str:
@@ -25,12 +24,19 @@ def _shard_key(room: int) -> str:
     return f"parley:room:{room}"
 
 
+def _member(user: int, username: str) -> str:
+    # Usernames cannot contain ":" (Django's validator), so "<id>:<name>" splits unambiguously.
+    return f"{user}:{username}"
+
+
 class PresenceBook:
     def __init__(self) -> None:
         self.local: Counter[tuple[int, int]] = Counter()
+        self.names: dict[int, str] = {}
 
-    def arrive(self, room: int, user: int) -> bool:
+    def arrive(self, room: int, user: int, username: str) -> bool:
         """Count a connection in; True when it is the user's first here."""
+        self.names[user] = username
         self.local[(room, user)] += 1
         return self.local[(room, user)] == 1
 
@@ -46,24 +52,30 @@ class PresenceBook:
     def _ttl() -> float:
         return CONFIG.heartbeat_ttl
 
-    async def mark_online(self, room: int, user: int) -> None:
-        await client_for(_shard_key(room)).zadd(presence_key(room), {str(user): time.time() + self._ttl()})
+    async def mark_online(self, room: int, user: int, username: str) -> None:
+        member = _member(user, username)
+        await client_for(_shard_key(room)).zadd(presence_key(room), {member: time.time() + self._ttl()})
 
-    async def mark_offline(self, room: int, user: int) -> None:
-        await client_for(_shard_key(room)).zrem(presence_key(room), str(user))
+    async def mark_offline(self, room: int, user: int, username: str) -> None:
+        await client_for(_shard_key(room)).zrem(presence_key(room), _member(user, username))
 
     @staticmethod
-    async def online(room: int) -> list[int]:
+    async def online(room: int) -> list[dict[str, int | str]]:
+        """Users online in the room, as `{"id", "username"}`, ordered by id."""
         client = client_for(_shard_key(room))
         members = await client.zrangebyscore(presence_key(room), time.time(), "+inf")
-        return sorted(int(m) for m in members)
+        users = []
+        for member in members:
+            user_id, _, username = member.decode().partition(":")
+            users.append({"id": int(user_id), "username": username})
+        return sorted(users, key=lambda u: u["id"])
 
     async def beat(self) -> None:
         """Refresh every local entry (called from the process heartbeat)."""
         expires = time.time() + self._ttl()
         by_room: dict[int, dict[str, float]] = {}
         for room, user in list(self.local):
-            by_room.setdefault(room, {})[str(user)] = expires
+            by_room.setdefault(room, {})[_member(user, self.names.get(user, ""))] = expires
         for room, entries in by_room.items():
             client = client_for(_shard_key(room))
             pipe = client.pipeline(transaction=False)

@@ -16,8 +16,9 @@ import uuid
 import weakref
 from typing import Protocol
 
-from parley.config import CONFIG
 from redis.exceptions import RedisError
+
+from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,14 @@ _PROCESS_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 def process_id() -> str:
     return _PROCESS_ID
+
+
+def raise_if_cancelling() -> None:
+    """redis-py can turn a cancellation into a connection error; a supervisor loop that
+    caught it must still stop, or event-loop shutdown waits for it forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def heartbeat_key(pid: str | None = None) -> str:
@@ -98,6 +107,7 @@ async def heartbeat_loop(role: str, extra: Heartbeat | None = None) -> None:
             log.warning("heartbeat failed: %s", exc)
         except Exception:
             log.exception("heartbeat failed")
+        raise_if_cancelling()
         await asyncio.sleep(CONFIG.heartbeat_seconds)
 
 

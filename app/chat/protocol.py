@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
+
 from parley.config import CONFIG
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "client_frames.json"

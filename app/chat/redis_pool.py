@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import weakref
 
+from redis import asyncio as aioredis
+
 from parley.config import CONFIG
 from parley.sharding import shard_index
-from redis import asyncio as aioredis
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[aioredis.Redis]] = (
     weakref.WeakKeyDictionary()

@@ -14,7 +14,6 @@ from django.db import IntegrityError, connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt, ensure_csrf_cookie
-from parley.config import CONFIG
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from chat import services
@@ -23,6 +22,7 @@ from chat.models import ApiToken
 from chat.process import STATE
 from chat.protocol import ErrorCode, ProtocolError
 from chat.redis_pool import clients
+from parley.config import CONFIG
 
 User = get_user_model()
 

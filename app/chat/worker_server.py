@@ -8,11 +8,11 @@ import time
 
 from asgiref.compatibility import guarantee_single_callable
 from channels.worker import Worker
-from parley.config import CONFIG
 from prometheus_client import start_http_server
 
 from chat import metrics
 from chat.process import ensure_heartbeat
+from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
 

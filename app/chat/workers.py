@@ -19,11 +19,11 @@ from channels.consumer import AsyncConsumer
 from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
-from parley.config import CONFIG
-from parley.layers import send_many
 
 from chat import bots, fanout, metrics, services
 from chat.protocol import ErrorCode, dumps
+from parley.config import CONFIG
+from parley.layers import send_many
 
 log = logging.getLogger(__name__)
 

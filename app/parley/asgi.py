@@ -4,22 +4,25 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "parley.settings")
 
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
 
-django_asgi_app = get_asgi_application()
+# Django must be set up before the consumers (and their models) are imported.
+# The page's JS and CSS are served by the protocol process itself, so one image and one Service
+# are the whole deployment; put a CDN or the ingress cache in front for heavy traffic.
+django_asgi_app = ASGIStaticFilesHandler(get_asgi_application())
 
 from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.urls import path  # noqa: E402
+
 from chat.auth import TokenOrSessionAuth  # noqa: E402
 from chat.consumers import ChatConsumer  # noqa: E402
 from chat.workers import BotConsumer, PersistConsumer  # noqa: E402
-from django.urls import path  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": TokenOrSessionAuth(URLRouter([path("ws/", ChatConsumer.as_asgi())])),
-        "channel": ChannelNameRouter(
-            {"chat.persist": PersistConsumer.as_asgi(), "chat.bot": BotConsumer.as_asgi()}
-        ),
+        "channel": ChannelNameRouter({"chat.persist": PersistConsumer.as_asgi(), "chat.bot": BotConsumer.as_asgi()}),
     }
 )

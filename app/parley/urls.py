@@ -1,6 +1,7 @@
-from chat import views
 from django.contrib.auth import views as auth_views
 from django.urls import path
+
+from chat import views
 
 urlpatterns = [
     path("", views.index, name="index"),

@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 from django.core.management.base import BaseCommand
+
 from parley.config import CONFIG
 
 

@@ -1,0 +1,1 @@
+"""Parley operator: deploys and autoscales Parley chat platforms (ChatPlatform resources)."""

@@ -1,0 +1,223 @@
+"""Read the load signals from the channel-layer Redis shards.
+
+Two signals, both read straight from Redis rather than scraped from pods, so the operator
+needs no network path to the pods and sees the same numbers on every poll:
+
+* Worker backlog. channels-redis stores named channel X as the sorted set `<prefix>X`, scored
+  by enqueue time; a receiver pops a message into `<prefix>X$inflight` and removes it from
+  there once the receive has returned (a receiver killed in between leaves it there, and the
+  next receive puts it back on the queue), so in-flight entries are work still to be done.
+  Entries older than the layer's expiry are dead (dropped at the next send, never delivered),
+  yet ZCARD still counts them, so we ZCOUNT only scores newer than `now - expiry`, exactly the
+  cut-off channels-redis applies. Which shard holds a channel is the app's business: we sum
+  every shard.
+* Per-process heartbeats `parley:proc:<id>` (role, pod, connections, inbox, draining, ts).
+  A process that died leaves its hash (until its TTL) and its inbox behind; only hashes whose
+  `ts` is fresh are trusted. Several processes may share a pod, so values are summed per pod.
+
+Any shard failing makes the whole reading unavailable: a partial sum would look like a quiet
+system and scale it down, the one thing we must not do when blind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+HEARTBEAT_PATTERN = "parley:proc:*"
+HEARTBEAT_FRESH_SECONDS = 15.0
+CLOCK_SKEW_SECONDS = 5.0  # a heartbeat slightly "from the future" is a skewed clock, not garbage
+
+
+class MetricsUnavailable(Exception):
+    """Redis could not be read completely; the message says which shard and why."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    process_id: str
+    role: str
+    pod: str
+    connections: int
+    inbox: int
+    draining: bool
+    ts: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken_at: float
+    queue_depth: Mapping[str, int]  # live messages per channel, all shards
+    in_flight: Mapping[str, int]  # messages being handled per channel, all shards
+    heartbeats: Sequence[Heartbeat] = ()  # fresh ones only
+    stale_heartbeats: int = 0
+    shards: int = 1
+
+    @property
+    def total_queue_depth(self) -> int:
+        return sum(self.queue_depth.values())
+
+    @property
+    def worker_load(self) -> int:
+        # Popped-but-unacknowledged (or stranded) messages will be delivered again: still work.
+        return self.total_queue_depth + sum(self.in_flight.values())
+
+    def _per_pod(self, role: str, attr: str) -> dict[str, int]:
+        per_pod: dict[str, int] = defaultdict(int)
+        for hb in self.heartbeats:
+            if hb.role == role:
+                per_pod[hb.pod] += getattr(hb, attr)
+        return dict(per_pod)
+
+    @property
+    def pod_connections(self) -> dict[str, int]:
+        return self._per_pod("protocol", "connections")
+
+    @property
+    def protocol_reporting(self) -> bool:
+        return any(hb.role == "protocol" for hb in self.heartbeats)
+
+    @property
+    def connections(self) -> int:
+        return sum(self.pod_connections.values())
+
+    @property
+    def draining_pods(self) -> set[str]:
+        return {hb.pod for hb in self.heartbeats if hb.draining}
+
+    @property
+    def inbox_backlog(self) -> dict[str, int]:
+        """Messages waiting in process inboxes per pod (workers, and protocol pods with any)."""
+        return self._per_pod("worker", "inbox") | {
+            pod: n for pod, n in self._per_pod("protocol", "inbox").items() if n
+        }
+
+
+def redact(url: str) -> str:
+    """A URL fit for status and logs: the password never leaves the operator."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.username:
+        netloc = f"{parts.username}:***@{netloc}"
+    else:
+        netloc = f":***@{netloc}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def parse_heartbeat(process_id: str, fields: Mapping[bytes | str, bytes | str]) -> Heartbeat | None:
+    """A heartbeat hash as typed data, or None if it is malformed (we skip, not crash)."""
+    f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+         for k, v in fields.items()}
+    try:
+        return Heartbeat(
+            process_id=process_id,
+            role=f.get("role", ""),
+            pod=f.get("pod") or process_id,
+            connections=int(float(f.get("connections", 0))),
+            inbox=int(float(f.get("inbox", 0))),
+            draining=f.get("draining", "0") in ("1", "true", "True"),
+            ts=float(f["ts"]),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+class RedisMetrics:
+    """Reads a Snapshot from every shard. One instance per ChatPlatform; reuse it across polls."""
+
+    def __init__(
+        self,
+        urls: Iterable[str],
+        *,
+        prefix: str = "asgi",
+        expiry_seconds: float = 60.0,
+        fresh_seconds: float = HEARTBEAT_FRESH_SECONDS,
+        timeout: float = 2.0,
+    ) -> None:
+        self.urls = tuple(urls)
+        self.prefix = prefix
+        self.expiry_seconds = expiry_seconds
+        self.fresh_seconds = fresh_seconds
+        self.timeout = timeout
+        # No client-side retries: a down shard must be reported within one poll, not after a
+        # backoff ladder; the next poll is the retry.
+        self._clients = [
+            aioredis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=30,
+            )
+            for url in self.urls
+        ]
+
+    async def close(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+    async def read(self, channels: Iterable[str], now: float | None = None) -> Snapshot:
+        now = time.time() if now is None else now
+        channels = tuple(channels)
+        reads = (self._read_shard(client, channels, now) for client in self._clients)
+        results = await asyncio.gather(*reads, return_exceptions=True)
+        queue: dict[str, int] = dict.fromkeys(channels, 0)
+        inflight: dict[str, int] = dict.fromkeys(channels, 0)
+        fresh: list[Heartbeat] = []
+        stale = 0
+        for url, result in zip(self.urls, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, (RedisError, OSError, TimeoutError)):
+                    raise result
+                raise MetricsUnavailable(f"Redis shard {redact(url)}: {type(result).__name__}: {result}")
+            shard_queue, shard_inflight, beats = result
+            for ch in channels:
+                queue[ch] += shard_queue[ch]
+                inflight[ch] += shard_inflight[ch]
+            for hb in beats:
+                if now - self.fresh_seconds < hb.ts <= now + CLOCK_SKEW_SECONDS:
+                    fresh.append(hb)
+                else:
+                    stale += 1
+        return Snapshot(now, queue, inflight, tuple(fresh), stale, len(self.urls))
+
+    async def _read_shard(
+        self, client: aioredis.Redis, channels: Sequence[str], now: float,
+    ) -> tuple[dict[str, int], dict[str, int], list[Heartbeat]]:
+        async with asyncio.timeout(self.timeout * 2):
+            # channels-redis drops scores <= int(now) - expiry; count strictly newer ones.
+            cutoff = f"({int(now) - int(self.expiry_seconds)}"
+            pipe = client.pipeline(transaction=False)
+            for ch in channels:
+                key = self.prefix + ch
+                pipe.zcount(key, cutoff, "+inf")
+                pipe.zcount(key + "$inflight", cutoff, "+inf")
+            counts = await pipe.execute()
+            queue = {ch: int(counts[2 * i]) for i, ch in enumerate(channels)}
+            inflight = {ch: int(counts[2 * i + 1]) for i, ch in enumerate(channels)}
+
+            keys = [k async for k in client.scan_iter(match=HEARTBEAT_PATTERN, count=1000)]
+            beats: list[Heartbeat] = []
+            if keys:
+                pipe = client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.hgetall(key)
+                for key, fields in zip(keys, await pipe.execute(), strict=True):
+                    name = key.decode() if isinstance(key, bytes) else key
+                    hb = parse_heartbeat(name.removeprefix("parley:proc:"), fields or {})
+                    if hb is not None:
+                        beats.append(hb)
+            return queue, inflight, beats

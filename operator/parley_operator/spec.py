@@ -1,0 +1,194 @@
+"""The ChatPlatform spec as typed Python, with the same defaults as the CRD's OpenAPI schema.
+
+A real API server applies the schema's defaults before the operator sees an object; the
+defaults are repeated here so that an object which skipped defaulting (an older CRD, a test
+server) behaves identically. `tests/operator/test_crd.py` keeps the two sets equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from parley_operator import scaling
+
+DEFAULT_CHANNELS = ("chat.persist", "chat.bot")
+DRAIN_MARGIN_SECONDS = 10  # terminationGracePeriod = drain grace + this, so SIGKILL never cuts a drain
+
+
+class SpecError(ValueError):
+    """The spec is inconsistent in a way the OpenAPI schema alone cannot express."""
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class RedisSpec:
+    urls: tuple[str, ...] = ()
+    secret_ref: SecretKeyRef | None = None  # a key holding comma-separated URLs
+    channel_prefix: str = "asgi"
+    expiry_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class DatabaseSpec:
+    secret_name: str
+    url_key: str = "url"
+    secret_key_key: str = "secret-key"
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    min_replicas: int
+    max_replicas: int
+    target: int  # connections per pod (protocol) or queued messages per replica (worker)
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    channels: tuple[str, ...] = ()  # worker only
+
+
+@dataclass(frozen=True)
+class ScalingSpec:
+    poll_interval_seconds: int = 15
+    scale_up_stabilization_seconds: int = 0
+    scale_down_stabilization_seconds: int = 300
+    max_scale_up_step: int = 10
+    max_scale_down_step: int = 2
+    tolerance_percent: int = 10
+
+
+@dataclass(frozen=True)
+class PlatformSpec:
+    image: str
+    image_pull_policy: str
+    allowed_hosts: tuple[str, ...]
+    redis: RedisSpec
+    database: DatabaseSpec
+    protocol: RoleSpec
+    worker: RoleSpec
+    scaling: ScalingSpec
+    drain_grace_seconds: int
+
+    @property
+    def termination_grace_seconds(self) -> int:
+        return self.drain_grace_seconds + DRAIN_MARGIN_SECONDS
+
+    def policy(self, role: str) -> scaling.Policy:
+        r = self.protocol if role == "protocol" else self.worker
+        s = self.scaling
+        return scaling.Policy(
+            min_replicas=r.min_replicas,
+            max_replicas=r.max_replicas,
+            target=float(r.target),
+            tolerance=s.tolerance_percent / 100.0,
+            up_window=float(s.scale_up_stabilization_seconds),
+            down_window=float(s.scale_down_stabilization_seconds),
+            max_step_up=s.max_scale_up_step,
+            max_step_down=s.max_scale_down_step,
+            metric="connections" if role == "protocol" else "queue depth",
+        )
+
+
+DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
+    "protocol": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
+    "worker": {"requests": {"cpu": "100m", "memory": "192Mi"}, "limits": {"memory": "384Mi"}},
+}
+
+# The defaults as they appear in the CRD (camelCase paths), compared with the CRD by a test.
+DEFAULTS: dict[str, Any] = {
+    "imagePullPolicy": "IfNotPresent",
+    "allowedHosts": ["*"],
+    "redis.channelPrefix": "asgi",
+    "redis.expirySeconds": 60,
+    "redis.secretRef.key": "urls",
+    "database.secretRef.urlKey": "url",
+    "database.secretRef.secretKeyKey": "secret-key",
+    "protocol.minReplicas": 2,
+    "protocol.maxReplicas": 10,
+    "protocol.targetConnectionsPerPod": 5000,
+    "protocol.resources": DEFAULT_RESOURCES["protocol"],
+    "worker.minReplicas": 1,
+    "worker.maxReplicas": 10,
+    "worker.channels": list(DEFAULT_CHANNELS),
+    "worker.targetQueueDepthPerReplica": 100,
+    "worker.resources": DEFAULT_RESOURCES["worker"],
+    "scaling.pollIntervalSeconds": 15,
+    "scaling.scaleUpStabilizationSeconds": 0,
+    "scaling.scaleDownStabilizationSeconds": 300,
+    "scaling.maxScaleUpStep": 10,
+    "scaling.maxScaleDownStep": 2,
+    "scaling.tolerancePercent": 10,
+    "drain.gracePeriodSeconds": 30,
+}
+
+
+def _get(spec: Mapping[str, Any], path: str) -> Any:
+    node: Any = spec
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return DEFAULTS[path]
+        node = node[part]
+    return node
+
+
+def parse(spec: Mapping[str, Any]) -> PlatformSpec:
+    """Turn `.spec` into a PlatformSpec, or raise SpecError on cross-field mistakes."""
+    image = spec.get("image")
+    if not image:
+        raise SpecError("spec.image is required")
+
+    redis = spec.get("redis") or {}
+    urls = tuple(redis.get("urls") or ())
+    redis_ref = None
+    if redis.get("secretRef"):
+        redis_ref = SecretKeyRef(redis["secretRef"]["name"], _get(spec, "redis.secretRef.key"))
+    if bool(urls) == bool(redis_ref):
+        raise SpecError("set exactly one of spec.redis.urls and spec.redis.secretRef")
+
+    db_ref = (spec.get("database") or {}).get("secretRef") or {}
+    if not db_ref.get("name"):
+        raise SpecError("spec.database.secretRef.name is required")
+
+    def role(name: str, target_field: str) -> RoleSpec:
+        lo, hi = _get(spec, f"{name}.minReplicas"), _get(spec, f"{name}.maxReplicas")
+        if lo > hi:
+            raise SpecError(f"spec.{name}.minReplicas ({lo}) exceeds maxReplicas ({hi})")
+        return RoleSpec(
+            min_replicas=lo,
+            max_replicas=hi,
+            target=_get(spec, f"{name}.{target_field}"),
+            resources=_get(spec, f"{name}.resources"),
+            channels=tuple(_get(spec, "worker.channels")) if name == "worker" else (),
+        )
+
+    return PlatformSpec(
+        image=image,
+        image_pull_policy=_get(spec, "imagePullPolicy"),
+        allowed_hosts=tuple(_get(spec, "allowedHosts")),
+        redis=RedisSpec(
+            urls=urls,
+            secret_ref=redis_ref,
+            channel_prefix=_get(spec, "redis.channelPrefix"),
+            expiry_seconds=_get(spec, "redis.expirySeconds"),
+        ),
+        database=DatabaseSpec(
+            secret_name=db_ref["name"],
+            url_key=_get(spec, "database.secretRef.urlKey"),
+            secret_key_key=_get(spec, "database.secretRef.secretKeyKey"),
+        ),
+        protocol=role("protocol", "targetConnectionsPerPod"),
+        worker=role("worker", "targetQueueDepthPerReplica"),
+        scaling=ScalingSpec(
+            poll_interval_seconds=_get(spec, "scaling.pollIntervalSeconds"),
+            scale_up_stabilization_seconds=_get(spec, "scaling.scaleUpStabilizationSeconds"),
+            scale_down_stabilization_seconds=_get(spec, "scaling.scaleDownStabilizationSeconds"),
+            max_scale_up_step=_get(spec, "scaling.maxScaleUpStep"),
+            max_scale_down_step=_get(spec, "scaling.maxScaleDownStep"),
+            tolerance_percent=_get(spec, "scaling.tolerancePercent"),
+        ),
+        drain_grace_seconds=_get(spec, "drain.gracePeriodSeconds"),
+    )

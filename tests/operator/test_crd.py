@@ -1,0 +1,98 @@
+"""The CRD the Helm chart installs: defaults, validation, printer columns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+import pytest
+from op_testkit import admit, chat_platform, load_crd, schema
+
+from parley_operator import spec as specmod
+
+
+def spec_schema() -> dict[str, Any]:
+    return schema()["properties"]["spec"]
+
+
+def schema_defaults(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, sub in (node.get("properties") or {}).items():
+        path = f"{prefix}{key}"
+        if "default" in sub and sub["default"] != {}:  # `{}` only lets nested defaults apply
+            found[path] = sub["default"]
+        found.update(schema_defaults(sub, f"{path}."))
+    return found
+
+
+def test_crd_defaults_are_the_operators_defaults() -> None:
+    assert schema_defaults(spec_schema()) == specmod.DEFAULTS
+
+
+def test_a_minimal_spec_is_complete_after_defaulting() -> None:
+    stored = admit(chat_platform())
+    assert stored["spec"]["worker"]["channels"] == ["chat.persist", "chat.bot"]
+    assert stored["spec"]["scaling"]["pollIntervalSeconds"] == 15
+    # Parsing the defaulted and the raw spec gives the same platform: no behaviour depends on
+    # whether the API server defaulted the object.
+    assert specmod.parse(stored["spec"]) == specmod.parse(chat_platform()["spec"])
+
+
+BAD_SPECS = [
+    ("no image", {"image": None}),
+    ("empty image", {"image": ""}),
+    ("redis url without scheme", {"redis": {"urls": ["10.0.0.1:6379"]}}),
+    ("no redis shard", {"redis": {"urls": []}}),
+    ("no database secret", {"database": {}}),
+    ("zero protocol pods", {"protocol": {"minReplicas": 0}}),
+    ("negative workers", {"worker": {"minReplicas": -1}}),
+    ("worker without channels", {"worker": {"channels": []}}),
+    ("channel name with a space", {"worker": {"channels": ["chat persist"]}}),
+    ("zero target", {"worker": {"targetQueueDepthPerReplica": 0}}),
+    ("poll interval zero", {"scaling": {"pollIntervalSeconds": 0}}),
+    ("tolerance as a fraction", {"scaling": {"tolerancePercent": 0.1}}),
+    ("unknown pull policy", {"imagePullPolicy": "Sometimes"}),
+    ("drain of zero seconds", {"drain": {"gracePeriodSeconds": 0}}),
+    ("replicas as a string", {"protocol": {"maxReplicas": "10"}}),
+]
+
+
+@pytest.mark.parametrize(("name", "change"), BAD_SPECS, ids=[b[0] for b in BAD_SPECS])
+def test_bad_specs_are_rejected_by_the_schema(name: str, change: dict[str, Any]) -> None:
+    body = chat_platform()
+    body["spec"].update(change)
+    body["spec"] = {k: v for k, v in body["spec"].items() if v is not None}
+    with pytest.raises(jsonschema.ValidationError):
+        admit(body)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"protocol": {"minReplicas": 5, "maxReplicas": 3}}, "protocol.minReplicas"),
+    ({"worker": {"minReplicas": 4, "maxReplicas": 2}}, "worker.minReplicas"),
+    ({"redis": {"urls": ["redis://a"], "secretRef": {"name": "r"}}}, "exactly one"),
+])
+def test_cross_field_rules_exist_in_cel_and_in_the_operator(change: dict[str, Any], message: str) -> None:
+    rules = [r["message"] for r in spec_schema()["x-kubernetes-validations"]]
+    rules += [r["message"] for r in spec_schema()["properties"]["redis"]["x-kubernetes-validations"]]
+    assert any(message in r for r in rules)
+    body = admit({**chat_platform(), "spec": {**chat_platform()["spec"], **change}})
+    with pytest.raises(specmod.SpecError, match=message):
+        specmod.parse(body["spec"])
+
+
+def test_redis_urls_may_come_from_a_secret() -> None:
+    body = chat_platform()
+    body["spec"]["redis"] = {"secretRef": {"name": "parley-redis"}}
+    parsed = specmod.parse(admit(body)["spec"])
+    assert parsed.redis.secret_ref == specmod.SecretKeyRef("parley-redis", "urls")
+
+
+def test_kubectl_get_shows_the_health_columns() -> None:
+    version = load_crd()["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Protocol"] == ".status.summary.protocol"
+    assert columns["Workers"] == ".status.summary.worker"
+    assert columns["Queue"] == ".status.totalQueueDepth"
+    assert columns["Connections"] == ".status.connections"
+    assert columns["Age"] == ".metadata.creationTimestamp"

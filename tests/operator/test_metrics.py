@@ -1,0 +1,126 @@
+"""The Redis reader against real Redis servers, fed by the real channels-redis layer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from channels_redis.core import RedisChannelLayer
+
+from embedded_redis import EmbeddedRedis, free_port
+from parley_operator.metrics import MetricsUnavailable, RedisMetrics, parse_heartbeat, redact
+
+CHANNELS = ("chat.persist", "chat.bot")
+
+
+@pytest.fixture(scope="module")
+def shards() -> Iterator[list[EmbeddedRedis]]:
+    servers = [EmbeddedRedis().start(), EmbeddedRedis().start()]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def urls(shards: list[EmbeddedRedis]) -> list[str]:
+    for server in shards:
+        redis.Redis.from_url(server.url).flushall()
+    return [server.url for server in shards]
+
+
+async def read(urls: list[str], **kwargs: float) -> object:
+    reader = RedisMetrics(urls, **kwargs)
+    try:
+        return await reader.read(CHANNELS)
+    finally:
+        await reader.close()
+
+
+async def test_counts_what_channels_redis_enqueued_across_shards(urls: list[str]) -> None:
+    layer = RedisChannelLayer(hosts=urls, prefix="asgi", capacity=1000)
+    for i in range(7):
+        await layer.send("chat.persist", {"type": "chat.persist", "n": i})
+    for i in range(3):
+        await layer.send("chat.bot", {"type": "chat.bot", "n": i})
+    await layer.close_pools()
+    # The app may spread a named channel over shards (Parley's layer does): put some on the other.
+    for url in urls:
+        redis.Redis.from_url(url).zadd("asgichat.persist", {f"extra-{url}": time.time()})
+
+    snapshot = await read(urls)
+    assert snapshot.queue_depth == {"chat.persist": 9, "chat.bot": 3}
+    assert snapshot.total_queue_depth == 12
+    assert snapshot.worker_load == 12
+    assert snapshot.shards == 2
+
+
+async def test_expired_entries_are_not_work(urls: list[str]) -> None:
+    client = redis.Redis.from_url(urls[1])
+    now = time.time()
+    client.zadd("asgichat.persist", {f"dead-{i}": now - 61 for i in range(100)})  # past the 60 s expiry
+    client.zadd("asgichat.persist", {f"live-{i}": now - 30 for i in range(5)})
+    assert client.zcard("asgichat.persist") == 105  # what a naive ZCARD-based scaler would see
+
+    snapshot = await read(urls)
+    assert snapshot.queue_depth["chat.persist"] == 5
+    assert (await read(urls, expiry_seconds=120)).queue_depth["chat.persist"] == 105
+
+
+async def test_in_flight_messages_keep_a_worker_busy(urls: list[str]) -> None:
+    redis.Redis.from_url(urls[0]).zadd("asgichat.bot$inflight", {"being-handled": time.time()})
+    snapshot = await read(urls)
+    assert snapshot.total_queue_depth == 0
+    assert snapshot.in_flight == {"chat.persist": 0, "chat.bot": 1}
+    assert snapshot.worker_load == 1
+
+
+async def test_only_fresh_heartbeats_count_summed_per_pod(urls: list[str]) -> None:
+    now = time.time()
+
+    def beat(url: str, pid: str, **fields: object) -> None:
+        redis.Redis.from_url(url).hset(f"parley:proc:{pid}", mapping={
+            "role": "protocol", "connections": 0, "inbox": 0, "draining": 0, "ts": now, **fields})
+
+    # Heartbeats land on whichever shard; processes of one pod are summed.
+    beat(urls[0], "a1", pod="web-a", connections=120)
+    beat(urls[1], "a2", pod="web-a", connections=30)
+    beat(urls[1], "b1", pod="web-b", connections=40, draining=1)
+    beat(urls[0], "ghost", pod="web-c", connections=5000, ts=now - 16)  # died 16 s ago
+    beat(urls[0], "w1", pod="worker-a", role="worker", inbox=3)
+    redis.Redis.from_url(urls[0]).hset("parley:proc:broken", mapping={"role": "protocol"})  # no ts
+
+    snapshot = await read(urls)
+    assert snapshot.pod_connections == {"web-a": 150, "web-b": 40}
+    assert snapshot.connections == 190
+    assert snapshot.draining_pods == {"web-b"}
+    assert snapshot.stale_heartbeats == 1
+    assert snapshot.protocol_reporting
+    assert snapshot.inbox_backlog == {"worker-a": 3}
+
+
+async def test_a_dead_shard_makes_the_whole_reading_unavailable(urls: list[str]) -> None:
+    dead = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    started = time.monotonic()
+    with pytest.raises(MetricsUnavailable) as caught:
+        await read([*urls, dead], timeout=0.5)
+    assert time.monotonic() - started < 3  # reported within a poll, not after a retry ladder
+    assert "127.0.0.1" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
+    ("redis://user:pw@host/1", "redis://user:***@host/1"),
+    ("redis://host:6379/0", "redis://host:6379/0"),
+])
+def test_redact(url: str, shown: str) -> None:
+    assert redact(url) == shown
+
+
+def test_parse_heartbeat_tolerates_bytes_and_rejects_garbage() -> None:
+    hb = parse_heartbeat("p", {b"role": b"worker", b"pod": b"w", b"connections": b"0", b"inbox": b"2",
+                               b"draining": b"0", b"ts": b"1700000000.5"})
+    assert hb is not None and hb.inbox == 2 and hb.ts == 1700000000.5
+    assert parse_heartbeat("p", {b"role": b"protocol", b"ts": b"yesterday"}) is None

@@ -1,0 +1,98 @@
+"""The child objects: what the pods are told, and how drift is judged."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from op_testkit import admit, chat_platform
+
+from parley_operator import resources
+from parley_operator.spec import DRAIN_MARGIN_SECONDS, parse
+
+
+def owner(**spec: Any) -> dict[str, Any]:
+    return admit(chat_platform(**spec))
+
+
+def env_of(deployment: dict[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_protocol_pods_drain_before_they_die() -> None:
+    body = owner(drain={"gracePeriodSeconds": 90})
+    dep = resources.deployment(body, parse(body["spec"]), "protocol", replicas=2)
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["parley", "drain"]
+    assert pod["terminationGracePeriodSeconds"] == 90 + DRAIN_MARGIN_SECONDS
+    assert env_of(dep)["PARLEY_DRAIN_SECONDS"] == "90"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_every_pod_migrates_first_and_gets_the_contract_environment() -> None:
+    body = owner(allowedHosts=["chat.example.com"],
+                 database={"secretRef": {"name": "db", "urlKey": "dsn", "secretKeyKey": "django"}},
+                 redis={"urls": ["redis://r0:6379/0", "redis://r1:6379/0"]})
+    spec = parse(body["spec"])
+    for role in resources.ROLES:
+        dep = resources.deployment(body, spec, role, replicas=1)
+        (init,) = dep["spec"]["template"]["spec"]["initContainers"]
+        assert init["command"] == ["parley", "migrate"]
+        env = env_of(dep)
+        assert env["REDIS_URLS"] == "redis://r0:6379/0,redis://r1:6379/0"
+        assert env["DATABASE_URL"] == {"secretKeyRef": {"name": "db", "key": "dsn"}}
+        assert env["SECRET_KEY"] == {"secretKeyRef": {"name": "db", "key": "django"}}
+        assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+        assert env["ALLOWED_HOSTS"] == "chat.example.com"
+        assert dep["metadata"]["ownerReferences"][0]["controller"] is True
+
+
+def test_redis_urls_from_a_secret_stay_in_the_secret() -> None:
+    body = owner(redis={"secretRef": {"name": "parley-redis", "key": "shards"}})
+    env = env_of(resources.deployment(body, parse(body["spec"]), "worker", replicas=1))
+    assert env["REDIS_URLS"] == {"secretKeyRef": {"name": "parley-redis", "key": "shards"}}
+
+
+def test_workers_consume_the_configured_channels() -> None:
+    body = owner(worker={"channels": ["chat.persist", "chat.moderate"]})
+    dep = resources.deployment(body, parse(body["spec"]), "worker", replicas=0)
+    assert dep["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "parley", "worker", "chat.persist", "chat.moderate"]
+    assert dep["spec"]["replicas"] == 0
+
+
+def test_services_and_budgets_select_their_role_only() -> None:
+    body = owner()
+    protocol = resources.service(body, "protocol")
+    assert protocol["spec"]["selector"] == {"app.kubernetes.io/instance": "chat",
+                                            "app.kubernetes.io/component": "protocol"}
+    assert protocol["spec"]["ports"][0]["targetPort"] == "http"
+    assert resources.service(body, "worker")["spec"]["clusterIP"] == "None"
+    pdb = resources.pod_disruption_budget(body, "protocol")
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": protocol["spec"]["selector"]}}
+
+
+def test_drift_ignores_server_defaults_but_not_edits() -> None:
+    body = owner()
+    desired = resources.protocol_template(body, parse(body["spec"]))
+    live = copy.deepcopy(desired)
+    live["spec"]["dnsPolicy"] = "ClusterFirst"  # added by the API server
+    live["spec"]["containers"][0]["terminationMessagePath"] = "/dev/termination-log"
+    assert resources.is_subset(desired, live)
+
+    edited = copy.deepcopy(live)
+    edited["spec"]["containers"][0]["image"] = "evil:latest"
+    assert not resources.is_subset(desired, edited)
+
+    sidecar = copy.deepcopy(live)
+    sidecar["spec"]["containers"].append({"name": "debug", "image": "busybox"})
+    assert not resources.is_subset(desired, sidecar)
+
+    extra_env = copy.deepcopy(live)
+    extra_env["spec"]["containers"][0]["env"].append({"name": "DEBUG", "value": "1"})
+    assert not resources.is_subset(desired, extra_env)
