@@ -53,7 +53,10 @@ class WsClient:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise AssertionError(f"no matching frame within {timeout}s; got {self.frames[-10:]}")
-            frame = await self.recv(remaining)
+            try:
+                frame = await self.recv(remaining)
+            except TimeoutError:
+                raise AssertionError(f"no matching frame within {timeout}s; got {self.frames[-10:]}") from None
             if predicate(frame):
                 return frame
 

@@ -257,7 +257,7 @@ def test_page_reconnects_by_itself_and_resumes_missed_messages_in_order(live_sta
     alice.say("before the restart")
     expect(bob.bodies()).to_have_text(["before the restart"])
 
-    # Bob's protocol process drains (`reconnect {delay_ms}`, close 1012), as before a pod stops,
+    # Bob's protocol process drains (`reconnect {delay_ms}`, close 4012), as before a pod stops,
     # then exits: his page keeps trying, with backoff, and tells him so.
     request = urllib.request.Request(f"http://127.0.0.1:{port_b}/internal/drain", method="POST")
     with urllib.request.urlopen(request, timeout=5) as response:

@@ -39,9 +39,10 @@ class CloseCode:
     """WebSocket close codes Parley uses (4000-4999 are for applications)."""
 
     UNAUTHENTICATED = 4001
-    ORIGIN_REJECTED = 4003
     TOO_SLOW = 4008
-    SERVICE_RESTART = 1012  # draining: reconnect (after the `reconnect` frame's delay) and resume
+    # Draining (the 4xxx twin of 1012 "service restart", which autobahn refuses to send):
+    # reconnect after the `reconnect` frame's delay, then resume.
+    SERVICE_RESTART = 4012
 
 
 class ProtocolError(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 
 from asgiref.compatibility import guarantee_single_callable
@@ -44,7 +45,35 @@ class ParleyWorker(Worker):
             start_http_server(CONFIG.metrics_port)
         ensure_heartbeat("worker", QueueDepthProbe(self.channel_layer, self.channels))
         log.info("worker consuming %s", ", ".join(self.channels))
-        await super().handle()
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        listeners = [loop.create_task(self.listener(channel)) for channel in self.channels]
+        stop = loop.create_task(stopping.wait())
+        await asyncio.wait([*listeners, stop], return_when=asyncio.FIRST_COMPLETED)
+        # Stop taking work first, then finish what was taken: on a scale-down or rollout the
+        # messages in hand are stored and acked instead of left for the client's retry.
+        for listener in listeners:
+            listener.cancel()
+        await asyncio.gather(*listeners, return_exceptions=True)
+        await self.finish_in_hand(CONFIG.drain_seconds)
+        for listener in listeners:
+            if not listener.cancelled() and listener.exception() is not None:
+                raise listener.exception()  # a crashed listener (e.g. Redis gone for good)
+        stop.cancel()
+
+    async def finish_in_hand(self, timeout: float) -> None:
+        from chat.workers import batcher
+
+        deadline = time.monotonic() + timeout
+        # asyncio.Queue has no "became empty" event to wait for: poll briefly.
+        while time.monotonic() < deadline and any(  # noqa: ASYNC110
+            details["input_queue"].qsize() for details in self.application_instances.values()
+        ):
+            await asyncio.sleep(0.01)
+        await batcher().flush()
+        log.info("worker stopped; messages in hand were stored")
 
     def get_or_create_application_instance(self, scope_id: str, scope: dict) -> asyncio.Queue:
         """Like StatelessServer's, but the instance's queue is bounded.

@@ -12,13 +12,19 @@ What changes against `channels_redis.core.RedisChannelLayer`:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer
 from redis import asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from parley.config import CONFIG
 from parley.sharding import inbox_key, shard_index
+
+log = logging.getLogger(__name__)
 
 
 class ParleyChannelLayer(RedisChannelLayer):
@@ -61,6 +67,21 @@ class ParleyChannelLayer(RedisChannelLayer):
             # the generator before its first await, so concurrent sends cannot see each other's.
             self._send_index_generator = _Repeat(self.shard_for_channel(channel))
         await super().send(channel, message)
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """Wait out Redis outages instead of raising.
+
+        Channels lets a receive error kill the consumer (a 1011 close for every socket of the
+        process) and a worker's listener; during a Redis restart both should simply wait.
+        """
+        delay = 0.1
+        while True:
+            try:
+                return await super().receive(channel)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("channel layer receive on %s failed (%s); retrying in %.1fs", channel, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def receive_single(self, channel: str) -> tuple[str, dict[str, Any]]:
         if "!" not in channel:

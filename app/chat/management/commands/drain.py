@@ -1,7 +1,7 @@
 """`parley drain`: the protocol pod's preStop hook.
 
 Asks the local protocol process to stop accepting and to send every client a `reconnect` frame
-(jittered delay) and close with 1012, then waits until its connections reach 0 or the drain
+(jittered delay) and close with 4012, then waits until its connections reach 0 or the drain
 window (PARLEY_DRAIN_SECONDS) runs out. Kubernetes sends SIGTERM only after this returns, so
 Daphne's abrupt shutdown (daphne#177) finds nobody left to cut off.
 """

@@ -318,7 +318,7 @@ function scheduleReconnect() {
   const base = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** conn.attempt);
   let delay = base / 2 + Math.random() * (base / 2);
   if (conn.serverDelay !== null) {
-    // A draining server said when to come back (close 1012). If the last attempt already ended
+    // A draining server said when to come back (close 4012). If the last attempt already ended
     // like this (no hello in between), keep backing off too, so a draining pod is not hammered.
     delay = conn.attempt === 0 ? conn.serverDelay : Math.max(conn.serverDelay, delay);
     conn.serverDelay = null;
@@ -557,7 +557,7 @@ const handlers = {
   },
 
   reconnect(frame) {
-    // The server is draining: it closes with 1012 next; come back after delay_ms.
+    // The server is draining: it closes with 4012 next; come back after delay_ms.
     conn.serverDelay = Math.max(0, Number(frame.delay_ms) || 0);
     setConnState("reconnecting", "Server restarting…");
   },
