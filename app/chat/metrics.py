@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+__all__ = ["REGISTRY"]
 
 CONNECTIONS = Gauge("parley_connections", "Open WebSocket connections in this process")
 FRAMES_IN = Counter("parley_frames_in_total", "Frames received from clients", ["type"])

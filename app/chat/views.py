@@ -16,7 +16,7 @@ from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt, ensure_csrf_cookie
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from chat import services
+from chat import metrics, services
 from chat.http_auth import api_view, error, json_body
 from chat.models import ApiToken
 from chat.process import STATE
@@ -158,7 +158,8 @@ async def readyz(request: HttpRequest) -> JsonResponse:
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+    # The collectors live in chat.metrics; the default registry holds them once it is imported.
+    return HttpResponse(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST)
 
 
 def _is_loopback(request: HttpRequest) -> bool:

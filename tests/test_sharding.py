@@ -1,0 +1,104 @@
+"""Sharding over several real Redis servers: routing, fan-out and what moves when a shard is added."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from embedded_redis import EmbeddedRedis
+from parley.layers import ParleyChannelLayer, send_many
+from parley.sharding import inbox_key, shard_index
+
+
+def test_adding_a_shard_moves_only_about_its_share_of_keys():
+    keys = [f"parley:room:{n}" for n in range(20_000)]
+    three = [f"redis://r{i}:6379/0" for i in range(3)]
+    four = [*three, "redis://r3:6379/0"]
+    moved = sum(shard_index(three, k) != shard_index(four, k) for k in keys)
+    # Ideal is 1/4 of the keys, all of them to the new shard; channels-redis' modulo scheme moves ~3/4.
+    assert 0.20 < moved / len(keys) < 0.30
+    assert all(shard_index(four, k) == 3 for k in keys if shard_index(three, k) != shard_index(four, k))
+    counts = [sum(shard_index(four, k) == i for k in keys) for i in range(4)]
+    assert min(counts) > 0.2 * len(keys)  # balanced
+
+
+def test_shard_choice_does_not_depend_on_the_order_of_urls():
+    urls = [f"redis://r{i}:6379/0" for i in range(5)]
+    shuffled = random.Random(7).sample(urls, len(urls))
+    for n in range(500):
+        key = f"k{n}"
+        assert urls[shard_index(urls, key)] == shuffled[shard_index(shuffled, key)]
+
+
+def test_process_channels_hash_by_their_inbox():
+    assert inbox_key("specific.abc!def") == "specific.abc!"
+    assert inbox_key("chat.persist") == "chat.persist"
+
+
+@pytest.fixture
+def two_shards():
+    servers = [EmbeddedRedis().start(), EmbeddedRedis().start()]
+    yield [s.url for s in servers]
+    for server in servers:
+        server.stop()
+
+
+async def test_direct_sends_reach_their_receiver_on_every_shard(two_shards):
+    """channels-redis 4.3.0 sends half of these to the wrong shard (channels_redis#221)."""
+    layer = ParleyChannelLayer(hosts=two_shards)
+    channels = [await layer.new_channel() for _ in range(40)]
+    for n, channel in enumerate(channels):
+        await layer.send(channel, {"type": "test.message", "n": n})
+    received = [await asyncio.wait_for(layer.receive(channel), 5) for channel in channels]
+    assert [m["n"] for m in received] == list(range(40))
+    await send_many(layer, [(channel, {"type": "ack", "n": n}) for n, channel in enumerate(channels)])
+    received = [await asyncio.wait_for(layer.receive(channel), 5) for channel in channels]
+    assert [m["n"] for m in received] == list(range(40))
+    await layer.flush()
+
+
+async def test_named_channels_live_on_one_shard_and_are_received_promptly(two_shards):
+    layer = ParleyChannelLayer(hosts=two_shards)
+    for name in ("chat.persist", "chat.bot", "chat.other"):
+        loop = asyncio.get_running_loop()
+        for n in range(5):
+            await layer.send(name, {"type": "job", "n": n})
+        started = loop.time()
+        got = [(await asyncio.wait_for(layer.receive(name), 3))["n"] for _ in range(5)]
+        assert got == list(range(5))
+        # A round-robin receive would block 5 s on the empty shard before finding these.
+        assert loop.time() - started < 1.0
+    await layer.flush()
+
+
+async def test_room_fanout_works_across_two_shards(two_shards, monkeypatch):
+    from chat import fanout, redis_pool
+
+    monkeypatch.setattr(redis_pool, "shard_urls", lambda: two_shards)
+    monkeypatch.setattr(fanout, "shard_urls", lambda: two_shards)
+    rooms = list(range(1, 21))
+    assert {shard_index(two_shards, fanout.topic(r)) for r in rooms} == {0, 1}
+
+    class Member:
+        def __init__(self) -> None:
+            self.got: list[tuple[int, int | None, str]] = []
+
+        def deliver(self, room: int, seq: int | None, text: str) -> None:
+            self.got.append((room, seq, text))
+
+        def resync(self, room: int) -> None:
+            pass
+
+    bus = fanout.RoomBus("test-process")
+    member = Member()
+    for room in rooms:
+        await bus.join(room, member)
+    await fanout.publish_many([(room, 1, f'{{"room":{room}}}') for room in rooms])
+    for _ in range(100):
+        if len(member.got) == len(rooms):
+            break
+        await asyncio.sleep(0.02)
+    assert sorted(member.got) == sorted((room, 1, f'{{"room":{room}}}') for room in rooms)
+    await bus.close()
