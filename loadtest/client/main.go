@@ -571,7 +571,7 @@ func (cfg *config) reader(c *client) {
 }
 
 // join sends Parley's join frame and waits for `joined` (the reader goroutine signals it).
-func (cfg *config) join(c *client) error {
+func (cfg *config) joinRoom(c *client) error {
 	atomic.StoreInt32(&c.joining, 1)
 	defer atomic.StoreInt32(&c.joining, 0)
 	frame := fmt.Sprintf(`{"type":"join","room":%d}`, c.roomID)
@@ -663,7 +663,7 @@ func (cfg *config) connectAll(clients []*client, join bool, label string) ([]*cl
 	ready := connected
 	if join && cfg.proto == "parley" {
 		var jr phaseResult
-		ready, jr = runPhase(connected, cfg.concurrency, cfg.join)
+		ready, jr = runPhase(connected, cfg.concurrency, cfg.joinRoom)
 		res["joined"] = jr.ok
 		res["join_errors"] = len(connected) - jr.ok
 		res["join_seconds"] = round(jr.seconds, 3)

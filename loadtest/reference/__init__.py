@@ -1,0 +1,1 @@
+"""The reference server: the Channels tutorial chat, unchanged, for `loadtest/bench.py` to compare against."""
