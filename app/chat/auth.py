@@ -9,12 +9,13 @@ consumer, so clients can tell "log in again" from a network failure.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
-from channels.security.websocket import OriginValidator
+from channels.security.websocket import OriginValidator, WebsocketDenier
 from django.contrib.auth.models import AnonymousUser
 
 from chat.models import ApiToken
@@ -32,6 +33,27 @@ def token_from_scope(scope: dict[str, Any]) -> str | None:
     return tokens[0] if tokens else None
 
 
+@dataclass(frozen=True, slots=True)
+class SocketUser:
+    """Who a token-authenticated socket belongs to: ids only, not a model instance (memory)."""
+
+    pk: int
+    username: str
+    is_authenticated: bool = True
+
+    def get_username(self) -> str:
+        return self.username
+
+
+def socket_user_for_token(key: str) -> SocketUser | AnonymousUser:
+    row = (
+        ApiToken.objects.filter(key=key, user__is_active=True)
+        .values_list("user_id", "user__username")
+        .first()
+    )
+    return SocketUser(*row) if row else AnonymousUser()
+
+
 def user_for_token(key: str) -> Any:
     token = ApiToken.objects.select_related("user").filter(key=key).first()
     if token is None or not token.user.is_active:
@@ -40,15 +62,23 @@ def user_for_token(key: str) -> Any:
 
 
 class TokenOrSessionAuth:
+    """Authenticates the socket, and serves only `/ws/` (a URLRouter would cost every idle
+    socket another coroutine frame for one string comparison)."""
+
+    path = "/ws/"
+
     def __init__(self, inner: Any) -> None:
         self.token_app = inner
         self.session_app = AuthMiddlewareStack(inner)
         self.browser_app = OriginValidator(self.session_app, CONFIG.origins)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        if scope.get("path") != self.path:
+            # Same answer as an unknown HTTP path would get: refuse the handshake.
+            return await WebsocketDenier()(scope, receive, send)
         key = token_from_scope(scope)
         if key is not None:
-            user = await database_sync_to_async(user_for_token)(key)
+            user = await database_sync_to_async(socket_user_for_token)(key)
             return await self.token_app({**scope, "user": user}, receive, send)
         if any(name == b"origin" for name, _ in scope.get("headers", [])):
             # Browsers always send Origin: check it, or any site could ride the user's cookie.

@@ -3,7 +3,9 @@
 Hot path: a stored message arrives once per process from the room bus (`chat.fanout`) as an
 already-encoded frame; `deliver` checks its seq against this connection's cursor for the room
 and queues the same string object for writing. Sends leave through the `chat.persist` worker
-channel; the worker acks on this consumer's channel-layer channel after the message is stored.
+channel; the worker acks through the bus's per-process reply topic after the message is stored.
+A connection has no channel-layer channel of its own and a writer task only while it has frames
+to write: an idle socket costs little more than the server's own protocol objects.
 
 Every room cursor guarantees in-order, gap-free delivery: a message whose seq is not the next
 one (lost pub/sub message, out-of-order publish by two workers, Redis reconnect) triggers a
@@ -13,20 +15,23 @@ catch-up from the database, during which live frames for that room are held back
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from redis.exceptions import RedisError
 
 from chat import fanout, metrics, services
 from chat.presence import PRESENCE
-from chat.process import STATE, ensure_heartbeat
+from chat.process import STATE, ensure_heartbeat, process_id
 from chat.protocol import CloseCode, ErrorCode, ProtocolError, dumps, error_frame, parse
 from chat.ratelimit import TokenBucket
 from parley.config import CONFIG
@@ -34,9 +39,10 @@ from parley.config import CONFIG
 log = logging.getLogger(__name__)
 
 PERSIST_CHANNEL = "chat.persist"
+_connection_keys = itertools.count(1)
 
 
-@dataclass
+@dataclass(slots=True)
 class Cursor:
     """This connection's position in one room."""
 
@@ -47,6 +53,9 @@ class Cursor:
 
 class ChatConsumer(AsyncWebsocketConsumer):
     rooms: dict[int, Cursor]
+    # No channel-layer channel per socket (see the module docstring); the layer is used only to
+    # send to the worker channel.
+    channel_layer_alias = None
 
     # --- connection lifecycle ------------------------------------------------------------------
 
@@ -68,13 +77,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.username: str = user.get_username()
         self.rooms = {}
         self.bucket = TokenBucket(CONFIG.rate_per_second, CONFIG.rate_burst)
-        self.outbox: asyncio.Queue[str | int] = asyncio.Queue(maxsize=CONFIG.send_buffer_frames)
+        # Created when there is something to write, dropped when written: idle sockets hold none.
+        self.outbox: deque[str | int] | None = None
+        self.writer: asyncio.Task[None] | None = None
         self.closing = False
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.key = next(_connection_keys)
         self.bus = fanout.get_bus()
+        self.bus.register(self.key, self)
         ensure_heartbeat("protocol", PRESENCE)
         await self.accept()
-        self.writer = asyncio.get_running_loop().create_task(self._write_loop())
         STATE.connections.add(self)
         metrics.CONNECTIONS.inc()
         self.push(
@@ -95,7 +107,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         STATE.connections.discard(self)
         metrics.CONNECTIONS.dec()
-        self.writer.cancel()
+        self.bus.unregister(self.key)
+        if self.writer is not None:
+            self.writer.cancel()
         for task in list(self.tasks):
             task.cancel()
         for room in list(self.rooms):
@@ -104,7 +118,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             except (RedisError, OSError) as exc:
                 log.warning("could not detach from room %s on disconnect: %s", room, exc)
 
-    # --- writing: one bounded queue per connection ----------------------------------------------
+    # --- writing: one bounded queue per connection, a writer task only while it is not empty --
 
     def push(self, frame: dict[str, Any]) -> None:
         self.push_text(dumps(frame))
@@ -112,40 +126,49 @@ class ChatConsumer(AsyncWebsocketConsumer):
     def push_text(self, text: str) -> None:
         if self.closing:
             return
-        try:
-            self.outbox.put_nowait(text)
-        except asyncio.QueueFull:
+        if self.outbox is None:
+            self.outbox = deque()
+        elif len(self.outbox) >= CONFIG.send_buffer_frames:
             # It will `resume` on reconnect; holding more for it would slow everyone else.
             metrics.SLOW_CLOSES.inc()
             self._close_soon(CloseCode.TOO_SLOW, flush=False)
+            return
+        self.outbox.append(text)
+        self._wake_writer()
 
     def push_error(self, code: ErrorCode, message: str, ref: str | None = None, **extra: Any) -> None:
         metrics.ERRORS_OUT.labels(code=str(code)).inc()
         self.push(error_frame(code, message, ref, **extra))
 
+    def backlog(self) -> int:
+        return len(self.outbox) if self.outbox else 0
+
     def _close_soon(self, code: int, flush: bool) -> None:
         if self.closing:
             return
-        if flush:
-            try:
-                self.outbox.put_nowait(code)
-                self.closing = True
-                return
-            except asyncio.QueueFull:
-                pass
         self.closing = True
-        while not self.outbox.empty():
-            self.outbox.get_nowait()
-        self.outbox.put_nowait(code)
+        if self.outbox is None or not flush:
+            self.outbox = deque()
+        self.outbox.append(code)
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self.writer is None:
+            self.writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     async def _write_loop(self) -> None:
-        while True:
-            item = await self.outbox.get()
-            if isinstance(item, int):
-                await self.close(code=item)
-                return
-            await self.send(text_data=item)
-            metrics.DELIVERIES.inc()
+        try:
+            while self.outbox:
+                item = self.outbox.popleft()
+                if isinstance(item, int):
+                    self.outbox = None
+                    await self.close(code=item)
+                    return
+                await self.send(text_data=item)
+                metrics.DELIVERIES.inc()
+            self.outbox = None
+        finally:
+            self.writer = None
 
     def start_drain(self, delay_ms: int) -> None:
         self.push({"type": "reconnect", "delay_ms": delay_ms, "reason": "draining"})
@@ -342,7 +365,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         room = frame["room"]
         self._joined(room)
         try:
-            await self.channel_layer.send(
+            await get_channel_layer().send(
                 PERSIST_CHANNEL,
                 {
                     "type": "persist.message",
@@ -351,7 +374,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     "body": frame["body"],
                     "kind": "text",
                     "client_msg_id": frame["client_msg_id"],
-                    "reply_to": self.channel_name,
+                    "reply_to": fanout.reply_address(process_id(), self.key),
                     "queued_at": time.time(),
                 },
             )
@@ -377,19 +400,3 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.user_id, room, frame.get("before_seq"), limit
         )
         self.push({"type": "history", "room": room, "messages": messages, "has_more": has_more, "ref": ref})
-
-    # --- events from workers (channel layer) ----------------------------------------------------
-
-    async def chat_ack(self, event: dict[str, Any]) -> None:
-        self.push(
-            {
-                "type": "ack",
-                "client_msg_id": event["client_msg_id"],
-                "room": event["room"],
-                "seq": event["seq"],
-                "duplicate": event.get("duplicate", False),
-            }
-        )
-
-    async def chat_error(self, event: dict[str, Any]) -> None:
-        self.push_error(ErrorCode(event["code"]), event["message"], event.get("client_msg_id"), room=event.get("room"))

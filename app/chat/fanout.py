@@ -11,6 +11,10 @@ members then catch up from the database (PostgreSQL is the truth, Redis only the
 
 Wire format of a published payload: `<seq>\n<frame JSON>`, `<seq>` empty for ephemeral frames
 (typing, presence, read) that have no place in the room's sequence.
+
+Replies to one socket (acks and errors from workers) travel the same way, on the process's own
+topic `parley:process:<process id>` with payload `<connection key>\n<frame JSON>`: a socket needs
+no channel-layer channel of its own (no receive task, no queue), which halves its memory.
 """
 
 from __future__ import annotations
@@ -46,6 +50,31 @@ class BusUnavailable(Exception):
 class Member(Protocol):
     def deliver(self, room: int, seq: int | None, text: str) -> None: ...
     def resync(self, room: int) -> None: ...
+    def push_text(self, text: str) -> None: ...
+
+
+def process_topic(pid: str) -> str:
+    return f"parley:process:{pid}"
+
+
+def reply_address(pid: str, key: int) -> str:
+    """Where a worker sends the ack of a message from connection `key` of process `pid`."""
+    return f"{pid}|{key}"
+
+
+async def publish_replies(replies: Iterable[tuple[str, str]]) -> None:
+    """Send `(reply address, frame JSON)` pairs to their processes, one round trip per shard."""
+    by_shard: dict[int, list[tuple[str, str]]] = {}
+    urls = shard_urls()
+    for address, frame_json in replies:
+        pid, _, key = address.rpartition("|")
+        name = process_topic(pid)
+        by_shard.setdefault(shard_index(urls, name), []).append((name, f"{key}\n{frame_json}"))
+    for batch in by_shard.values():
+        pipe = client_for(batch[0][0]).pipeline(transaction=False)
+        for name, payload in batch:
+            pipe.publish(name, payload)
+        await pipe.execute()
 
 
 def topic(room: int) -> str:
@@ -192,16 +221,29 @@ class RoomBus:
     """This process's subscriptions and the local members of each room."""
 
     def __init__(self, process_id: str) -> None:
-        self.control_topic = f"parley:process:{process_id}"
+        self.control_topic = process_topic(process_id)
+        self._control = self.control_topic.encode()
         self.members: dict[int, set[Member]] = {}
+        self.connections: dict[int, Member] = {}
         self.shards: list[ShardSubscriber] = []
         self._locks: dict[int, asyncio.Lock] = {}
         self._topic_rooms: dict[bytes, int] = {}
 
     def _shard(self, name: str) -> ShardSubscriber:
+        self.start()
+        return self.shards[shard_index(shard_urls(), name)]
+
+    def start(self) -> None:
+        """Connect to every shard (each carries this process's reply topic)."""
         if not self.shards:
             self.shards = [ShardSubscriber(url, self) for url in shard_urls()]
-        return self.shards[shard_index(shard_urls(), name)]
+
+    def register(self, key: int, connection: Member) -> None:
+        self.start()
+        self.connections[key] = connection
+
+    def unregister(self, key: int) -> None:
+        self.connections.pop(key, None)
 
     async def join(self, room: int, member: Member) -> None:
         """Add a local member; the first one subscribes (and waits for Redis to confirm)."""
@@ -230,6 +272,12 @@ class RoomBus:
             await self._shard(topic(room)).unsubscribe(topic(room))
 
     def dispatch(self, channel: bytes, data: bytes) -> None:
+        if channel == self._control:
+            key, _, body = data.partition(b"\n")
+            connection = self.connections.get(int(key))
+            if connection is not None:
+                connection.push_text(body.decode())
+            return
         room = self._topic_rooms.get(channel)
         if room is None:
             if not channel.startswith(TOPIC_PREFIX.encode()):

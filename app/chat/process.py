@@ -43,13 +43,15 @@ def heartbeat_key(pid: str | None = None) -> str:
 
 class Connection(Protocol):
     def start_drain(self, delay_ms: int) -> None: ...
+    def backlog(self) -> int: ...
 
 
 class ProcessState:
     """Connections held by this process (per event loop) and its drain flag."""
 
     def __init__(self) -> None:
-        self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        # A plain set: consumers remove themselves on disconnect (a WeakSet costs a weakref each).
+        self.connections: set[Connection] = set()
         self.draining = False
         self.drain_started: float | None = None
 
@@ -67,32 +69,23 @@ class ProcessState:
 STATE = ProcessState()
 
 
-async def inbox_depth(layer: object) -> int:
-    """Messages waiting in this process's channel-layer inbox (acks and errors from workers)."""
-    prefix = getattr(layer, "client_prefix", None)
-    if prefix is None:
-        return 0
-    inbox = f"specific.{prefix}!"
-    index = layer.consistent_hash(inbox)  # type: ignore[attr-defined]
-    connection = layer.connection(index)  # type: ignore[attr-defined]
-    return int(await connection.zcard(layer.prefix + inbox))  # type: ignore[attr-defined]
+def outbound_backlog() -> int:
+    """Frames queued in this process for clients that have not taken them yet."""
+    return sum(conn.backlog() for conn in list(STATE.connections))
 
 
 async def heartbeat_loop(role: str, extra: Heartbeat | None = None) -> None:
     """Publish this process's load every `PARLEY_HEARTBEAT_SECONDS` until cancelled."""
-    from channels.layers import get_channel_layer
-
     from chat.redis_pool import client_for
 
     key = heartbeat_key()
-    layer = get_channel_layer()
     while True:
         try:
             fields = {
                 "role": role,
                 "pod": CONFIG.pod_name,
                 "connections": len(STATE.connections),
-                "inbox": await inbox_depth(layer),
+                "inbox": outbound_backlog(),
                 "draining": int(STATE.draining),
                 "ts": time.time(),
             }

@@ -6,6 +6,8 @@ import time
 
 
 class TokenBucket:
+    __slots__ = ("burst", "clock", "rate", "tokens", "updated")
+
     def __init__(self, rate: float, burst: int, clock=time.monotonic) -> None:
         self.rate = rate
         self.burst = burst

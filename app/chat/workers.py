@@ -21,9 +21,8 @@ from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 
 from chat import bots, fanout, metrics, services
-from chat.protocol import ErrorCode, dumps
+from chat.protocol import ErrorCode, dumps, error_frame
 from parley.config import CONFIG
-from parley.layers import send_many
 
 log = logging.getLogger(__name__)
 
@@ -64,25 +63,28 @@ class Batcher:
                 await store_and_deliver(items)
 
 
+def _error(item: dict[str, Any], code: ErrorCode | None, message: str) -> tuple[str, str]:
+    frame = error_frame(code or ErrorCode.INTERNAL, message, item["client_msg_id"], room=item["room"])
+    return item["reply_to"], dumps(frame)
+
+
 async def store_and_deliver(items: list[dict[str, Any]]) -> None:
     layer = get_channel_layer()
     try:
         outcomes = await database_sync_to_async(services.store_batch)(items)
     except Exception:
         log.exception("storing a batch of %d messages failed; senders will retry", len(items))
-        replies = [
-            (item["reply_to"], {"type": "chat.error", "code": str(ErrorCode.UNAVAILABLE),
-                                "message": "could not store the message; retry", "room": item["room"],
-                                "client_msg_id": item["client_msg_id"]})
+        failed = [
+            _error(item, ErrorCode.UNAVAILABLE, "could not store the message; retry")
             for item in items if item.get("reply_to")
         ]
-        if replies:
-            await send_many(layer, replies)
+        if failed:
+            await fanout.publish_replies(failed)
         return
     metrics.BATCH_SIZE.observe(len(items))
 
     publish: list[tuple[int, int | None, str]] = []
-    replies: list[tuple[str, dict[str, Any]]] = []
+    replies: list[tuple[str, str]] = []
     bot_jobs: list[dict[str, Any]] = []
     now = time.time()
     for outcome in outcomes:
@@ -99,22 +101,19 @@ async def store_and_deliver(items: list[dict[str, Any]]) -> None:
             else:
                 metrics.DUPLICATES.inc()
             if item.get("reply_to"):
-                replies.append((item["reply_to"], {
-                    "type": "chat.ack", "client_msg_id": item["client_msg_id"], "room": outcome.room,
+                replies.append((item["reply_to"], dumps({
+                    "type": "ack", "client_msg_id": item["client_msg_id"], "room": outcome.room,
                     "seq": outcome.seq, "duplicate": outcome.status == "duplicate",
-                }))
+                })))
             if outcome.bot_job is not None:
                 bot_jobs.append(outcome.bot_job)
         elif item.get("reply_to"):
-            replies.append((item["reply_to"], {
-                "type": "chat.error", "code": str(outcome.code), "message": outcome.message,
-                "room": item["room"], "client_msg_id": item["client_msg_id"],
-            }))
+            replies.append(_error(item, outcome.code, outcome.message))
     # Publish before acking: a sender who sees its ack can count on members having been sent it.
     if publish:
         await fanout.publish_many(publish)
     if replies:
-        await send_many(layer, replies)
+        await fanout.publish_replies(replies)
     for job in bot_jobs:
         await send_with_retry(layer, BOT_CHANNEL, job)
 

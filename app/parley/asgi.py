@@ -12,8 +12,7 @@ from django.core.asgi import get_asgi_application
 # are the whole deployment; put a CDN or the ingress cache in front for heavy traffic.
 django_asgi_app = ASGIStaticFilesHandler(get_asgi_application())
 
-from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
-from django.urls import path  # noqa: E402
+from channels.routing import ChannelNameRouter, ProtocolTypeRouter  # noqa: E402
 
 from chat.auth import TokenOrSessionAuth  # noqa: E402
 from chat.consumers import ChatConsumer  # noqa: E402
@@ -22,7 +21,7 @@ from chat.workers import BotConsumer, PersistConsumer  # noqa: E402
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": TokenOrSessionAuth(URLRouter([path("ws/", ChatConsumer.as_asgi())])),
+        "websocket": TokenOrSessionAuth(ChatConsumer.as_asgi()),
         "channel": ChannelNameRouter({"chat.persist": PersistConsumer.as_asgi(), "chat.bot": BotConsumer.as_asgi()}),
     }
 )

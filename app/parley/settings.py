@@ -71,7 +71,6 @@ def _database() -> dict:
             "transaction_mode": "IMMEDIATE",
             "timeout": 30,
         }
-        db["CONN_MAX_AGE"] = 0
         # Tests start real server processes that must see the test database: use a file.
         db["TEST"] = {"NAME": str(name.with_name(name.stem + "-test.sqlite3"))}
     return db
