@@ -75,6 +75,8 @@ type config struct {
 	timeout     float64
 	pids        map[string]int
 	pidOrder    []string
+	rootPid     int
+	noisePct    float64
 	runTag      string
 }
 
@@ -100,6 +102,8 @@ func parseFlags() *config {
 	flag.IntVar(&c.bodyBytes, "body-bytes", 100, "message body size")
 	flag.IntVar(&c.warm, "warm", 20, "idle: warm-up sockets connected before the memory baseline")
 	flag.BoolVar(&c.join, "join", true, "idle/parley: each idle socket joins its room")
+	flag.IntVar(&c.rootPid, "root-pid", 0, "pid whose descendants are this benchmark (CPU use of the rest is reported as other load)")
+	flag.Float64Var(&c.noisePct, "noise-retry-pct", 25, "retry a failed step once when other programs used more than this % of a core (0: never)")
 	flag.Float64Var(&c.timeout, "timeout", 900, "hard limit on this process's run time, seconds")
 	flag.Parse()
 	runtime.GOMAXPROCS(*procs)
@@ -727,11 +731,49 @@ func machineTicks() (busy, total int64) {
 	return busy, total
 }
 
+type procInfo struct {
+	ticks int64
+	ppid  int
+	comm  string
+}
+
 type cpuSample struct {
 	at    time.Time
 	procs map[string]int64
+	all   map[int]procInfo // every process on the machine
 	busy  int64
 	total int64
+}
+
+func readAllProcs() map[int]procInfo {
+	out := map[int]procInfo{}
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return out
+	}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		i, j := bytes.IndexByte(data, '('), bytes.LastIndexByte(data, ')')
+		if i < 0 || j < i {
+			continue
+		}
+		f := strings.Fields(string(data[j+1:]))
+		if len(f) < 13 {
+			continue
+		}
+		ppid, _ := strconv.Atoi(f[1])
+		u, _ := strconv.ParseInt(f[11], 10, 64)
+		st, _ := strconv.ParseInt(f[12], 10, 64)
+		out[pid] = procInfo{ticks: u + st, ppid: ppid, comm: string(data[i+1 : j])}
+	}
+	return out
 }
 
 func (cfg *config) sampleCPU() cpuSample {
@@ -744,6 +786,7 @@ func (cfg *config) sampleCPU() cpuSample {
 	if t, ok := procTicks(0); ok {
 		s.procs["loadclient"] = t
 	}
+	s.all = readAllProcs()
 	s.busy, s.total = machineTicks()
 	return s
 }
@@ -762,6 +805,71 @@ func cpuPercent(a, b cpuSample) map[string]any {
 		out["machine_all_cores"] = round(float64(b.busy-a.busy)/float64(b.total-a.total)*100, 1)
 	}
 	return out
+}
+
+// cpuGroups splits the machine's CPU use between a and b (% of one core) into: "bench" (the
+// processes under -root-pid: servers, Redis, this client), "postgres", "kernel" (threads), and
+// "other": load on the machine that is not this benchmark's. otherTop names the busiest of those.
+func (cfg *config) cpuGroups(a, b cpuSample) (map[string]float64, map[string]float64) {
+	const hz = 100.0
+	secs := b.at.Sub(a.at).Seconds()
+	groups := map[string]float64{"bench": 0, "postgres": 0, "kernel": 0, "other": 0}
+	others := map[string]float64{}
+	if secs <= 0 {
+		return groups, others
+	}
+	memo := map[int]bool{}
+	var ours func(pid, depth int) bool
+	ours = func(pid, depth int) bool {
+		if v, ok := memo[pid]; ok {
+			return v
+		}
+		res := false
+		if pid == cfg.rootPid || pid == os.Getpid() {
+			res = true
+		} else if p, ok := b.all[pid]; ok && p.ppid > 1 && depth < 64 {
+			res = ours(p.ppid, depth+1)
+		}
+		memo[pid] = res
+		return res
+	}
+	for pid, p := range b.all {
+		d := p.ticks - a.all[pid].ticks
+		if d <= 0 {
+			continue
+		}
+		pct := float64(d) / hz / secs * 100
+		switch {
+		case cfg.rootPid > 0 && ours(pid, 0):
+			groups["bench"] += pct
+		case strings.HasPrefix(p.comm, "postgres"):
+			groups["postgres"] += pct
+		case pid == 2 || p.ppid == 2:
+			groups["kernel"] += pct
+		default:
+			groups["other"] += pct
+			others[p.comm] += pct
+		}
+	}
+	for k, v := range groups {
+		groups[k] = round(v, 1)
+	}
+	top := map[string]float64{}
+	type kv struct {
+		name string
+		pct  float64
+	}
+	var list []kv
+	for k, v := range others {
+		list = append(list, kv{k, v})
+	}
+	sort.Slice(list, func(i, j int) bool { return list[i].pct > list[j].pct })
+	for i := 0; i < len(list) && i < 4; i++ {
+		if list[i].pct >= 2 {
+			top[list[i].name] = round(list[i].pct, 1)
+		}
+	}
+	return groups, top
 }
 
 // ---- fanout ----------------------------------------------------------------------------------
@@ -816,7 +924,15 @@ func (cfg *config) sender(c *client, wg *sync.WaitGroup) {
 	}
 }
 
-func (cfg *config) runStep(idx int, offered float64, senders []*client, msgsPerDelivery float64) map[string]any {
+func roundSig(v float64, digits int) float64 {
+	if v <= 0 {
+		return 0
+	}
+	p := math.Pow(10, float64(digits)-math.Ceil(math.Log10(v)))
+	return math.Round(v*p) / p
+}
+
+func (cfg *config) runStep(idx int, offered float64, senders []*client, msgsPerDelivery float64, extra map[string]any) map[string]any {
 	st := &stepStats{offered: offered}
 	stepsMu.Lock()
 	steps[idx] = st
@@ -860,6 +976,7 @@ func (cfg *config) runStep(idx int, offered float64, senders []*client, msgsPerD
 	atomic.StoreInt32(&st.closed, 1)
 	windowSecs := time.Since(start).Seconds()
 	cpu1 := cfg.sampleCPU()
+	groups, otherTop := cfg.cpuGroups(cpu0, cpu1)
 
 	expected := atomic.LoadInt64(&st.expected)
 	received := atomic.LoadInt64(&st.received)
@@ -896,7 +1013,12 @@ func (cfg *config) runStep(idx int, offered float64, senders []*client, msgsPerD
 		"seq_dups":                 atomic.LoadInt64(&seqDups) - dups0,
 		"reloads":                  atomic.LoadInt64(&reloads) - rel0,
 		"cpu_pct":                  cpuPercent(cpu0, cpu1),
+		"cpu_groups":               groups,
+		"other_load_top":           otherTop,
 		"pass":                     pass,
+	}
+	for k, v := range extra {
+		res[k] = v
 	}
 	emit(res)
 	logf("step %d: offered %.0f/s delivered %.0f/s ratio %.4f p50 %.1fms p99 %.1fms %s",
@@ -959,17 +1081,35 @@ func (cfg *config) fanout() {
 	msgsPerDelivery := float64(len(senders)) / float64(sum)
 	time.Sleep(500 * time.Millisecond) // let presence frames of the joins settle
 
-	var results []map[string]any
 	lastPass, firstFail := -1.0, -1.0
 	idx := 0
+	// run one load; a failure while other programs loaded the machine is retried once.
+	run := func(offered float64, refine bool) bool {
+		for attempt := 0; attempt < 2 && idx < maxSteps; attempt++ {
+			waited := 0.0
+			if refine || attempt > 0 {
+				waited = waitQuiet(time.Second, 30*time.Second)
+			}
+			r := cfg.runStep(idx, offered, senders, msgsPerDelivery, map[string]any{
+				"refine": refine, "retry": attempt > 0, "recovery_wait_seconds": round(waited, 2),
+			})
+			idx++
+			if r["pass"].(bool) {
+				return true
+			}
+			other := r["cpu_groups"].(map[string]float64)["other"]
+			if cfg.noisePct <= 0 || other <= cfg.noisePct {
+				return false
+			}
+			logf("step failed while other programs used %.0f%% of a core; retrying it once", other)
+		}
+		return false
+	}
 	for _, offered := range cfg.steps {
-		if idx >= maxSteps-cfg.refine {
+		if idx >= maxSteps-2*cfg.refine-2 {
 			break
 		}
-		r := cfg.runStep(idx, offered, senders, msgsPerDelivery)
-		idx++
-		results = append(results, r)
-		if r["pass"].(bool) {
+		if run(offered, false) {
 			lastPass = offered
 			time.Sleep(300 * time.Millisecond)
 			continue
@@ -979,18 +1119,12 @@ func (cfg *config) fanout() {
 	}
 	for k := 0; k < cfg.refine && firstFail > 0; k++ {
 		lo := math.Max(lastPass, firstFail/4)
-		mid := math.Round(math.Sqrt(lo*firstFail)/100) * 100
+		mid := roundSig(math.Sqrt(lo*firstFail), 2)
 		if mid <= lastPass || mid >= firstFail {
 			break
 		}
-		waited := waitQuiet(time.Second, 30*time.Second)
-		logf("refine: waited %.1fs for the backlog to clear; trying %.0f/s", waited, mid)
-		r := cfg.runStep(idx, mid, senders, msgsPerDelivery)
-		r["refine"] = true
-		r["recovery_wait_seconds"] = round(waited, 2)
-		idx++
-		results = append(results, r)
-		if r["pass"].(bool) {
+		logf("refine: trying %.0f/s (between %.0f and %.0f)", mid, lastPass, firstFail)
+		if run(mid, true) {
 			lastPass = mid
 		} else {
 			firstFail = mid
@@ -1023,7 +1157,17 @@ func (cfg *config) fanout() {
 		"acks_total":         atomic.LoadInt64(&acks),
 		"steps_run":          idx,
 	})
-	for _, c := range ready {
+	closeAll(ready)
+}
+
+// closeAll sends a normal close frame on every socket, then closes it.
+func closeAll(clients []*client) {
+	msg := websocket.FormatCloseMessage(websocket.CloseNormalClosure, "")
+	for _, c := range clients {
+		c.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(100*time.Millisecond))
+	}
+	time.Sleep(200 * time.Millisecond)
+	for _, c := range clients {
 		c.ws.Close()
 	}
 }
@@ -1058,9 +1202,7 @@ func (cfg *config) idle() {
 		"server_close_kinds": closes.snapshot(),
 		"server_error_kinds": serverErr.snapshot(),
 	})
-	for _, c := range all {
-		c.ws.Close()
-	}
+	closeAll(all)
 }
 
 func raiseNofile() {

@@ -1,0 +1,136 @@
+"""A client that cannot keep up is cut off (4008) and never slows its room."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import os
+import re
+import socket
+import urllib.request
+
+import pytest
+from channels.db import database_sync_to_async
+
+from chat.services import create_group
+from tests.helpers import WsClient, amake_user, messages_in
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def client_frame(payload: bytes) -> bytes:
+    """A masked text frame, as RFC 6455 requires from clients (payload < 126 bytes)."""
+    mask = os.urandom(4)
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def read_for(sock: socket.socket, seconds: float) -> bytes:
+    """Whatever the server sent, read for a while (the slow client finally reading)."""
+    sock.settimeout(seconds)
+    stream = b""
+    try:
+        while chunk := sock.recv(1 << 20):
+            stream += chunk
+    except TimeoutError:
+        pass
+    return stream
+
+
+async def test_a_client_that_stops_reading_is_closed_and_the_room_goes_on(live_stack):
+    alice, alice_token = await amake_user("alice")
+    _, bob_token = await amake_user("bob")
+    _, carol_token = await amake_user("carol")
+    room = await database_sync_to_async(create_group)(alice, "busy", False)
+    # uvicorn's send() waits while the socket's buffer is full, so backpressure reaches the
+    # consumer's bounded outbox (Daphne buffers in Twisted instead: see docs/operations.md).
+    port = live_stack.start_protocol(
+        server="uvicorn", PARLEY_SEND_BUFFER="200", PARLEY_RATE_PER_SECOND="10000", PARLEY_RATE_BURST="10000"
+    )
+    live_stack.start_worker()
+    sender = await WsClient.connect(port, alice_token)
+    fast = await WsClient.connect(port, bob_token)
+
+    # The slow client: a raw socket with a tiny receive buffer that joins and then never reads.
+    slow = socket.create_connection(("127.0.0.1", port))
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    key = base64.b64encode(os.urandom(16)).decode()
+    slow.sendall(
+        f"GET /ws/?token={carol_token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert slow.recv(12) == b"HTTP/1.1 101"
+    slow.sendall(client_frame(f'{{"type":"join","room":{room.pk}}}'.encode()))
+    for client in (sender, fast):
+        await client.join(room.pk)
+
+    # More than the kernel's socket buffers on both sides can absorb (loopback autotunes to MBs).
+    body = "x" * 4000
+    total = 2500
+
+    async def send_all() -> None:
+        for n in range(total):
+            await sender.send({"type": "send", "room": room.pk, "body": body, "client_msg_id": f"f{n}"})
+
+    async def read_acks() -> None:
+        while sum(f["type"] == "ack" for f in sender.frames) < total:
+            await sender.recv(timeout=60)
+
+    async def read_room() -> None:
+        while len(messages_in(fast.frames, room.pk)) < total:
+            await fast.expect(lambda f: f["type"] == "message", timeout=60)
+
+    await asyncio.wait_for(asyncio.gather(send_all(), read_acks(), read_room()), 120)
+    assert messages_in(fast.frames, room.pk) == list(range(1, total + 1))
+
+    # The server gave up on the slow client (the counter) and stopped queueing for it: what it
+    # can still read is an in-order prefix of the room, far from all of it.
+    metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{port}/metrics")
+    assert "parley_slow_client_closes_total 1.0" in metrics
+    stream = await asyncio.to_thread(read_for, slow, 3.0)
+    seqs = [int(m) for m in re.findall(rb'"seq":(\d+)', stream)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert len(seqs) < total - 200
+    await sender.close()
+    await fast.close()
+
+
+async def test_the_client_is_told_4008_once_its_buffer_overflows(monkeypatch):
+    """The consumer's policy, with a socket whose writes block until released."""
+    import json
+
+    from channels.testing import WebsocketCommunicator
+
+    from chat import consumers
+    from parley.asgi import application
+
+    monkeypatch.setattr(consumers, "CONFIG", dataclasses.replace(consumers.CONFIG, send_buffer_frames=5))
+    _, token = await amake_user("slowpoke")
+    released = asyncio.Event()
+    real_send = consumers.ChatConsumer.send
+
+    async def blocking_send(self, text_data=None, bytes_data=None, close=False):
+        await released.wait()
+        await real_send(self, text_data=text_data, bytes_data=bytes_data, close=close)
+
+    comm = WebsocketCommunicator(application, f"/ws/?token={token}")
+    assert (await comm.connect())[0]
+    monkeypatch.setattr(consumers.ChatConsumer, "send", blocking_send)
+    for n in range(10):
+        await comm.send_to(text_data=json.dumps({"type": "ping", "ref": f"p{n}"}))
+    await asyncio.sleep(0.2)
+    released.set()
+    frames = []
+    while True:
+        output = await comm.receive_output(5)
+        if output["type"] == "websocket.close":
+            break
+        frames.append(json.loads(output["text"]))
+    assert output["code"] == 4008
+    # hello was written before the socket blocked; at most the buffer's worth of pongs followed.
+    assert len(frames) <= 6
