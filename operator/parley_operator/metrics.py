@@ -96,7 +96,7 @@ class Snapshot:
 
     @property
     def inbox_backlog(self) -> dict[str, int]:
-        """Messages waiting in process inboxes per pod (workers, and protocol pods with any)."""
+        """The heartbeats' `inbox` per pod: frames waiting to be written to a protocol pod's clients."""
         return self._per_pod("worker", "inbox") | {
             pod: n for pod, n in self._per_pod("protocol", "inbox").items() if n
         }

@@ -1,0 +1,75 @@
+"""What the operator and Prometheus read: per-process heartbeats in Redis, /metrics on each process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import urllib.request
+
+import pytest
+import redis.asyncio as aioredis
+
+from embedded_redis import free_port
+from tests.helpers import WsClient, amake_user
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+async def heartbeats(url: str) -> list[dict[str, str]]:
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        keys = [key async for key in client.scan_iter(match="parley:proc:*")]
+        return [await client.hgetall(key) | {"ttl": str(await client.ttl(key))} for key in keys]
+    finally:
+        await client.aclose()
+
+
+async def wait_for(predicate, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+async def test_processes_publish_their_load_and_metrics(live_stack):
+    url = os.environ["REDIS_URLS"].split(",")[0]
+    _, token = await amake_user("alice")
+    port = live_stack.start_protocol(POD_NAME="protocol-pod-a")
+    metrics_port = free_port()
+    live_stack.start_worker(PARLEY_METRICS_PORT=str(metrics_port), POD_NAME="worker-pod-a")
+    clients = [await WsClient.connect(port, token) for _ in range(3)]
+
+    async def protocol_with_three():
+        beats = await heartbeats(url)
+        return [b for b in beats if b.get("role") == "protocol" and b.get("connections") == "3"]
+
+    [beat] = await wait_for(protocol_with_three)
+    assert beat["pod"] == "protocol-pod-a" and beat["draining"] == "0"
+    assert 0 < int(beat["ttl"]) <= 15 and abs(float(beat["ts"]) - time.time()) < 10
+    worker_beats = [b for b in await heartbeats(url) if b.get("role") == "worker"]
+    assert [b["pod"] for b in worker_beats] == ["worker-pod-a"]
+
+    protocol_metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{port}/metrics")
+    assert "parley_connections 3.0" in protocol_metrics
+    worker_metrics = await wait_for(
+        lambda: asyncio.to_thread(fetch, f"http://127.0.0.1:{metrics_port}/metrics")
+    )
+    assert 'parley_channel_queue_depth{channel="chat.persist"} 0.0' in worker_metrics
+
+    for client in clients:
+        await client.close()
+
+    async def protocol_with_none():
+        beats = await heartbeats(url)
+        return [b for b in beats if b.get("role") == "protocol" and b.get("connections") == "0"]
+
+    await wait_for(protocol_with_none)
