@@ -112,15 +112,17 @@ async def test_the_client_is_told_4008_once_its_buffer_overflows(monkeypatch):
     monkeypatch.setattr(consumers, "CONFIG", dataclasses.replace(consumers.CONFIG, send_buffer_frames=5))
     _, token = await amake_user("slowpoke")
     released = asyncio.Event()
-    real_send = consumers.ChatConsumer.send
 
-    async def blocking_send(self, text_data=None, bytes_data=None, close=False):
-        await released.wait()
-        await real_send(self, text_data=text_data, bytes_data=bytes_data, close=close)
+    async def socket_that_blocks(scope, receive, send):
+        async def blocking_send(message):
+            if message["type"] == "websocket.send":
+                await released.wait()
+            await send(message)
 
-    comm = WebsocketCommunicator(application, f"/ws/?token={token}")
+        await application(scope, receive, blocking_send)
+
+    comm = WebsocketCommunicator(socket_that_blocks, f"/ws/?token={token}")
     assert (await comm.connect())[0]
-    monkeypatch.setattr(consumers.ChatConsumer, "send", blocking_send)
     for n in range(10):
         await comm.send_to(text_data=json.dumps({"type": "ping", "ref": f"p{n}"}))
     await asyncio.sleep(0.2)

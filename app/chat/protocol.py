@@ -12,7 +12,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
+import fastjsonschema
+from jsonschema import Draft7Validator
 
 from parley.config import CONFIG
 
@@ -58,10 +59,21 @@ def _schema() -> dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text())
 
 
-@cache
-def _validator(frame_type: str) -> Draft202012Validator:
+def _schema_for(frame_type: str) -> dict[str, Any]:
     schema = _schema()
-    return Draft202012Validator({"$defs": schema["$defs"], "$ref": f"#/$defs/{frame_type}"})
+    return {"$schema": schema["$schema"], "$defs": schema["$defs"], "$ref": f"#/$defs/{frame_type}"}
+
+
+@cache
+def _fast_check(frame_type: str) -> Any:
+    # Compiled to Python code: ~30x faster than interpreting the schema on every frame.
+    return fastjsonschema.compile(_schema_for(frame_type))
+
+
+@cache
+def _explainer(frame_type: str) -> Draft7Validator:
+    # Only for frames that failed the fast check: it names the field in the error message.
+    return Draft7Validator(_schema_for(frame_type))
 
 
 def max_frame_chars() -> int:
@@ -85,10 +97,14 @@ def parse(text: str) -> dict[str, Any]:
     frame_type = frame.get("type")
     if frame_type not in CLIENT_TYPES:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {frame_type!r}", ref)
-    error = next(iter(sorted(_validator(frame_type).iter_errors(frame), key=lambda e: e.path)), None)
-    if error is not None:
+    try:
+        _fast_check(frame_type)(frame)
+    except fastjsonschema.JsonSchemaException as fast_error:
+        error = next(iter(sorted(_explainer(frame_type).iter_errors(frame), key=lambda e: e.path)), None)
+        if error is None:
+            raise ProtocolError(ErrorCode.INVALID_FRAME, fast_error.message, ref) from None
         where = "/".join(str(p) for p in error.absolute_path) or "frame"
-        raise ProtocolError(ErrorCode.INVALID_FRAME, f"{where}: {error.message}", ref)
+        raise ProtocolError(ErrorCode.INVALID_FRAME, f"{where}: {error.message}", ref) from None
     if frame_type == "send" and len(frame["body"].encode()) > CONFIG.max_body_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"body exceeds {CONFIG.max_body_bytes} bytes", ref)
     return frame

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # Messages handed to the application but not yet taken: beyond this the worker stops pulling,
 # leaving work in Redis where the operator can see it (and another worker can take it).
-MAX_LOCAL_BACKLOG = 50
+MAX_LOCAL_BACKLOG = 200
 
 
 class QueueDepthProbe:
@@ -74,6 +74,21 @@ class ParleyWorker(Worker):
             await asyncio.sleep(0.01)
         await batcher().flush()
         log.info("worker stopped; messages in hand were stored")
+
+    async def listener(self, channel: str) -> None:
+        scope = {"type": "channel", "channel": channel}
+        receive_ready = getattr(self.channel_layer, "receive_ready", None)
+        while True:
+            queue = self.get_or_create_application_instance(channel, scope)
+            messages = [await self.channel_layer.receive(channel)]
+            if receive_ready is not None:
+                # Whatever else is already waiting, in one round trip (bounded by the queue's room).
+                messages += await receive_ready(channel, queue.maxsize - queue.qsize() - 1)
+            for message in messages:
+                if not message.get("type"):
+                    log.error("dropping a message without type on %s", channel)
+                    continue
+                await queue.put(message)
 
     def get_or_create_application_instance(self, scope_id: str, scope: dict) -> asyncio.Queue:
         """Like StatelessServer's, but the instance's queue is bounded.
