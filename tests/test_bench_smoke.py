@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "loadtest" / "bench.py"
 EXIT_NO_GO = 3
 
-pytestmark = [pytest.mark.slow]
+# django_db only so that conftest's session teardown finds a test database when this file runs
+# alone; the test itself uses none of it (the bench makes and drops its own database).
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 
 def bench_env() -> dict[str, str]:

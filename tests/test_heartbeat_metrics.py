@@ -55,8 +55,11 @@ async def test_processes_publish_their_load_and_metrics(live_stack):
     [beat] = await wait_for(protocol_with_three)
     assert beat["pod"] == "protocol-pod-a" and beat["draining"] == "0"
     assert 0 < int(beat["ttl"]) <= 15 and abs(float(beat["ts"]) - time.time()) < 10
-    worker_beats = [b for b in await heartbeats(url) if b.get("role") == "worker"]
-    assert [b["pod"] for b in worker_beats] == ["worker-pod-a"]
+
+    async def worker_beats():
+        return [b["pod"] for b in await heartbeats(url) if b.get("role") == "worker"]
+
+    assert await wait_for(worker_beats) == ["worker-pod-a"]
 
     protocol_metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{port}/metrics")
     assert "parley_connections 3.0" in protocol_metrics

@@ -40,11 +40,15 @@ class Batcher:
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def add(self, item: dict[str, Any]) -> None:
-        self.items.append(item)
+        await self.add_many([item])
+
+    async def add_many(self, items: list[dict[str, Any]]) -> None:
+        self.items.extend(items)
         if len(self.items) >= CONFIG.batch_max:
             # Holding the caller here is the backpressure: the worker stops pulling from Redis,
-            # so the queue depth the operator sees is the work really waiting.
-            await self.flush()
+            # so the queue depth the operator sees is the work really waiting. Shielded: a
+            # worker told to stop still finishes (stores, publishes, acks) the batch in hand.
+            await asyncio.shield(self.flush())
         elif self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(CONFIG.batch_wait_ms / 1000, self._flush_soon)
 
