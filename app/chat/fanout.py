@@ -64,17 +64,11 @@ def reply_address(pid: str, key: int) -> str:
 
 async def publish_replies(replies: Iterable[tuple[str, str]]) -> None:
     """Send `(reply address, frame JSON)` pairs to their processes, one round trip per shard."""
-    by_shard: dict[int, list[tuple[str, str]]] = {}
-    urls = shard_urls()
+    messages = []
     for address, frame_json in replies:
         pid, _, key = address.rpartition("|")
-        name = process_topic(pid)
-        by_shard.setdefault(shard_index(urls, name), []).append((name, f"{key}\n{frame_json}"))
-    for batch in by_shard.values():
-        pipe = client_for(batch[0][0]).pipeline(transaction=False)
-        for name, payload in batch:
-            pipe.publish(name, payload)
-        await pipe.execute()
+        messages.append((process_topic(pid), f"{key}\n{frame_json}"))
+    await _publish_by_shard(messages)
 
 
 def topic(room: int) -> str:
@@ -93,11 +87,15 @@ async def publish(room: int, seq: int | None, frame_json: str) -> None:
 
 async def publish_many(items: Iterable[tuple[int, int | None, str]]) -> None:
     """Publish several frames with one round trip per shard, in the order given."""
+    await _publish_by_shard([(topic(room), encode(seq, frame_json)) for room, seq, frame_json in items])
+
+
+async def _publish_by_shard(messages: list[tuple[str, str]]) -> None:
+    """PUBLISH `(topic, payload)` pairs, pipelined per shard; order is kept within a shard."""
     by_shard: dict[int, list[tuple[str, str]]] = {}
     urls = shard_urls()
-    for room, seq, frame_json in items:
-        name = topic(room)
-        by_shard.setdefault(shard_index(urls, name), []).append((name, encode(seq, frame_json)))
+    for name, payload in messages:
+        by_shard.setdefault(shard_index(urls, name), []).append((name, payload))
     for batch in by_shard.values():
         pipe = client_for(batch[0][0]).pipeline(transaction=False)
         for name, payload in batch:
