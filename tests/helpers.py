@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,12 @@ from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 
 from chat.models import ApiToken
+
+
+def fetch(url: str) -> str:
+    """GET a URL of a server process (blocking: call through asyncio.to_thread in async tests)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
 
 
 def make_user(username: str, password: str = "password-123") -> tuple[Any, str]:

@@ -8,20 +8,14 @@ import dataclasses
 import os
 import re
 import socket
-import urllib.request
 
 import pytest
 from channels.db import database_sync_to_async
 
 from chat.services import create_group
-from tests.helpers import WsClient, amake_user, messages_in
+from tests.helpers import WsClient, amake_user, fetch, messages_in
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-
-def fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
 
 
 def client_frame(payload: bytes) -> bytes:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import urllib.request
 
 import pytest
 import redis.asyncio as aioredis
 
 from embedded_redis import free_port
-from tests.helpers import WsClient, amake_user
+from tests.helpers import WsClient, amake_user, fetch
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -33,11 +32,6 @@ async def wait_for(predicate, timeout: float = 15.0):
             return value
         await asyncio.sleep(0.2)
     raise AssertionError("condition not met in time")
-
-
-def fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return response.read().decode()
 
 
 async def test_processes_publish_their_load_and_metrics(live_stack):

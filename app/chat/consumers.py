@@ -34,11 +34,11 @@ from chat.presence import PRESENCE
 from chat.process import STATE, ensure_heartbeat, process_id
 from chat.protocol import CloseCode, ErrorCode, ProtocolError, dumps, error_frame, parse
 from chat.ratelimit import TokenBucket
+from chat.workers import PERSIST_CHANNEL
 from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
 
-PERSIST_CHANNEL = "chat.persist"
 _connection_keys = itertools.count(1)
 
 

@@ -14,6 +14,7 @@ from prometheus_client import start_http_server
 
 from chat import metrics
 from chat.process import ensure_heartbeat
+from chat.workers import PERSIST_CHANNEL, batcher
 from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,6 @@ log = logging.getLogger(__name__)
 # Messages handed to the application but not yet taken: beyond this the worker stops pulling,
 # leaving work in Redis where the operator can see it (and another worker can take it).
 MAX_LOCAL_BACKLOG = 200
-PERSIST_CHANNEL = "chat.persist"
 
 
 class QueueDepthProbe:
@@ -66,8 +66,6 @@ class ParleyWorker(Worker):
         stop.cancel()
 
     async def finish_in_hand(self, timeout: float) -> None:
-        from chat.workers import batcher
-
         deadline = time.monotonic() + timeout
         # asyncio.Queue has no "became empty" event to wait for: poll briefly.
         while time.monotonic() < deadline and any(  # noqa: ASYNC110
@@ -103,8 +101,6 @@ class ParleyWorker(Worker):
         to dispatch many: batches stayed at 3-4 messages and one worker topped out near 300/s.
         `add_many` waits while a full batch is being stored, which is the backpressure.
         """
-        from chat.workers import batcher
-
         while True:
             messages = [await self.channel_layer.receive(channel)]
             messages += await receive_ready(channel, CONFIG.batch_max - 1)

@@ -44,8 +44,7 @@ class ParleyChannelLayer(RedisChannelLayer):
     def __init__(self, hosts: list[Any] | None = None, **kwargs: Any) -> None:
         super().__init__(hosts=hosts, **kwargs)
         self.shard_ids = [str(h.get("address", h)) for h in self.hosts]
-        # Named channels have a fixed home shard; the round-robin generators are not used.
-        self._send_index_generator = None
+        # Named channels have a fixed home shard (see receive_single); no round robin.
         self._receive_index_generator = None
 
     def create_pool(self, index: int) -> aioredis.ConnectionPool:
@@ -70,9 +69,6 @@ class ParleyChannelLayer(RedisChannelLayer):
         if isinstance(value, bytes):
             value = value.decode()
         return shard_index(self.shard_ids, inbox_key(value))
-
-    def shard_for_channel(self, channel: str) -> int:
-        return self.consistent_hash(channel)
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """channels-redis' send in one round trip (it makes four: trim, count, add, expire).
@@ -102,7 +98,7 @@ class ParleyChannelLayer(RedisChannelLayer):
         """
         if limit <= 0:
             return []
-        entries = await self.connection(self.shard_for_channel(channel)).zpopmin(self.prefix + channel, limit)
+        entries = await self.connection(self.consistent_hash(channel)).zpopmin(self.prefix + channel, limit)
         return [self.deserialize(member) for member, _score in entries]
 
     async def receive(self, channel: str) -> dict[str, Any]:
@@ -122,7 +118,7 @@ class ParleyChannelLayer(RedisChannelLayer):
 
     async def receive_single(self, channel: str) -> tuple[str, dict[str, Any]]:
         if "!" not in channel:
-            self._receive_index_generator = _Repeat(self.shard_for_channel(channel))
+            self._receive_index_generator = _Repeat(self.consistent_hash(channel))
         return await super().receive_single(channel)
 
 
@@ -137,30 +133,3 @@ class _Repeat:
 
     def __next__(self) -> int:
         return self.value
-
-
-async def send_many(layer: RedisChannelLayer, messages: list[tuple[str, dict[str, Any]]]) -> None:
-    """Send many messages with one pipelined round trip per shard.
-
-    Same storage format as `RedisChannelLayer.send` (so `receive` reads them), minus the capacity
-    check: it is for replies to protocol processes (acks), whose inboxes are drained continuously.
-    """
-    by_shard: dict[int, list[tuple[str, bytes]]] = {}
-    for channel, message in messages:
-        if "!" in channel:
-            message = {**message, "__asgi_channel__": channel}
-            key_name = layer.non_local_name(channel)
-        else:
-            key_name = channel
-        index = layer.consistent_hash(channel)
-        by_shard.setdefault(index, []).append((layer.prefix + key_name, layer.serialize(message)))
-    now = time.time()
-    for index, entries in by_shard.items():
-        pipe = layer.connection(index).pipeline(transaction=False)
-        for key in {k for k, _ in entries}:
-            pipe.zremrangebyscore(key, min=0, max=int(now) - int(layer.expiry))
-        for key, payload in entries:
-            pipe.zadd(key, {payload: now})
-        for key in {k for k, _ in entries}:
-            pipe.expire(key, int(layer.expiry))
-        await pipe.execute()
