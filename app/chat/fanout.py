@@ -173,9 +173,13 @@ class ShardSubscriber:
         connection = Connection(**options, socket_keepalive=True, socket_connect_timeout=5)
         await connection.connect()
         self.connection = connection
+        # redis-py can swallow a cancellation that lands while it connects; without this check
+        # the reader would go on to subscribe and read forever, and loop shutdown would hang.
+        raise_if_cancelling()
         self.last_seen = time.monotonic()
         topics = [self.bus.control_topic, *self.topics]
         await connection.send_command("SUBSCRIBE", *topics)
+        raise_if_cancelling()
         self.connects += 1
         self.connected.set()
         if self.connects > 1:
