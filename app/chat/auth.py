@@ -61,6 +61,16 @@ def user_for_token(key: str) -> Any:
     return token.user
 
 
+# What a connected socket's consumer needs of its handshake scope.
+CONNECTION_SCOPE_KEYS = ("type", "asgi", "path", "root_path", "client", "server", "subprotocols")
+
+
+def connection_scope(scope: dict[str, Any], user: Any) -> dict[str, Any]:
+    slim = {key: scope[key] for key in CONNECTION_SCOPE_KEYS if key in scope}
+    slim["user"] = user
+    return slim
+
+
 class TokenOrSessionAuth:
     """Authenticates the socket, and serves only `/ws/` (a URLRouter would cost every idle
     socket another coroutine frame for one string comparison)."""
@@ -79,7 +89,10 @@ class TokenOrSessionAuth:
         key = token_from_scope(scope)
         if key is not None:
             user = await database_sync_to_async(socket_user_for_token)(key)
-            return await self.token_app({**scope, "user": user}, receive, send)
+            # Rebinding drops this frame's hold on the handshake scope: the socket keeps only
+            # what the consumer reads, not the request headers (cookies, user agent, ...).
+            scope = connection_scope(scope, user)
+            return await self.token_app(scope, receive, send)
         if any(name == b"origin" for name, _ in scope.get("headers", [])):
             # Browsers always send Origin: check it, or any site could ride the user's cookie.
             return await self.browser_app(scope, receive, send)

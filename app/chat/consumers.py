@@ -23,8 +23,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
-from channels.exceptions import ChannelFull
+from channels.exceptions import ChannelFull, StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from redis.exceptions import RedisError
@@ -56,6 +57,29 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # No channel-layer channel per socket (see the module docstring); the layer is used only to
     # send to the worker channel.
     channel_layer_alias = None
+    channel_layer = None
+    # Background catch-ups of this connection; created with the first one.
+    tasks: set[asyncio.Task[Any]] | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Channels' loop, for a consumer with one event source (the socket, no layer channel).
+
+        Channels runs every consumer through `await_many_dispatch`, which costs each socket a
+        second task and an `asyncio.wait` set-up per event, and a thread hop per event to close
+        stale database connections (`database_sync_to_async` already does that around every
+        query here).
+        """
+        self.scope = scope
+        self.base_send = send
+        try:
+            while True:
+                message = await receive()
+                handler = getattr(self, get_handler_name(message), None)
+                if handler is None:
+                    raise ValueError(f"no handler for message type {message['type']}")
+                await handler(message)
+        except StopConsumer:
+            pass
 
     # --- connection lifecycle ------------------------------------------------------------------
 
@@ -81,7 +105,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.outbox: deque[str | int] | None = None
         self.writer: asyncio.Task[None] | None = None
         self.closing = False
-        self.tasks: set[asyncio.Task[Any]] = set()
         self.key = next(_connection_keys)
         self.bus = fanout.get_bus()
         self.bus.register(self.key, self)
@@ -110,7 +133,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.bus.unregister(self.key)
         if self.writer is not None:
             self.writer.cancel()
-        for task in list(self.tasks):
+        for task in list(self.tasks or ()):
             task.cancel()
         for room in list(self.rooms):
             try:
@@ -149,6 +172,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.closing = True
         if self.outbox is None or not flush:
             self.outbox = deque()
+            if self.writer is not None:
+                # It may be waiting on a client that stopped reading: the close must not queue
+                # behind it. The frame it was sending is already written (or never will be).
+                self.writer.cancel()
+                self.writer = None
         self.outbox.append(code)
         self._wake_writer()
 
@@ -157,6 +185,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     async def _write_loop(self) -> None:
+        me = asyncio.current_task()
         try:
             while self.outbox:
                 item = self.outbox.popleft()
@@ -164,12 +193,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     self.outbox = None
                     await self.close(code=item)
                     return
-                # base_send directly: Channels' send() wraps it in two more coroutines per frame.
-                await self.base_send({"type": "websocket.send", "text": item})
+                try:
+                    # base_send directly: Channels' send() wraps it in two more coroutines per frame.
+                    await self.base_send({"type": "websocket.send", "text": item})
+                except Exception as exc:
+                    # The socket closed under the writer (the disconnect event is on its way):
+                    # the rest cannot be delivered here, the client resumes from its last seq.
+                    log.debug("connection %s closed while writing: %r", self.key, exc)
+                    self.closing = True
+                    self.outbox = None
+                    return
                 metrics.DELIVERIES.inc()
             self.outbox = None
         finally:
-            self.writer = None
+            if self.writer is me:
+                self.writer = None
 
     def start_drain(self, delay_ms: int) -> None:
         self.push({"type": "reconnect", "delay_ms": delay_ms, "reason": "draining"})
@@ -205,6 +243,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         cursor = self.rooms[room]
         cursor.filling = True
         task = asyncio.get_running_loop().create_task(self._fill(room, cursor, announce))
+        if self.tasks is None:
+            self.tasks = set()
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

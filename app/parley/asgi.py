@@ -1,6 +1,8 @@
 """ASGI entry point for protocol processes (Daphne or uvicorn) and workers (runworker)."""
 
 import os
+from collections.abc import Awaitable
+from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "parley.settings")
 
@@ -12,16 +14,29 @@ from django.core.asgi import get_asgi_application
 # are the whole deployment; put a CDN or the ingress cache in front for heavy traffic.
 django_asgi_app = ASGIStaticFilesHandler(get_asgi_application())
 
-from channels.routing import ChannelNameRouter, ProtocolTypeRouter  # noqa: E402
+from asgiref.sync import markcoroutinefunction  # noqa: E402
+from channels.routing import ChannelNameRouter  # noqa: E402
 
 from chat.auth import TokenOrSessionAuth  # noqa: E402
 from chat.consumers import ChatConsumer  # noqa: E402
 from chat.workers import BotConsumer, PersistConsumer  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": TokenOrSessionAuth(ChatConsumer.as_asgi()),
-        "channel": ChannelNameRouter({"chat.persist": PersistConsumer.as_asgi(), "chat.bot": BotConsumer.as_asgi()}),
-    }
-)
+APPLICATIONS = {
+    "http": django_asgi_app,
+    "websocket": TokenOrSessionAuth(ChatConsumer.as_asgi()),
+    "channel": ChannelNameRouter({"chat.persist": PersistConsumer.as_asgi(), "chat.bot": BotConsumer.as_asgi()}),
+}
+
+
+@markcoroutinefunction
+def application(scope: dict, receive: Any, send: Any) -> Awaitable[None]:
+    """Channels' ProtocolTypeRouter without a coroutine frame of its own.
+
+    The router's frame would live as long as each WebSocket and keep the handshake scope, headers
+    and all, reachable; returning the chosen application's coroutine leaves nothing behind.
+    """
+    try:
+        app = APPLICATIONS[scope["type"]]
+    except KeyError:
+        raise ValueError(f"no application for scope type {scope['type']!r}") from None
+    return app(scope, receive, send)
