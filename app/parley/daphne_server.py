@@ -1,0 +1,206 @@
+"""Daphne with lean per-connection state: `parley protocol` runs this instead of `python -m daphne`.
+
+Same command line, same protocol behaviour. What changes is what an open WebSocket keeps alive
+for its whole life (tracemalloc on 2,000 idle sockets, `loadtest/bench.py` for the totals):
+
+- Daphne gives every connection an `asyncio.Queue` for the ASGI `receive()`: three deques, an
+  Event and their dicts, about 3 KB. `ApplicationInbox` does the same job for one reader in a few
+  hundred bytes.
+- The HTTP objects of the upgrade request (Twisted's `HTTPChannel`, Daphne's `WebRequest`, their
+  header tables, body buffer and addresses) stay reachable from the transport's producer slot
+  until the socket closes. Once the WebSocket is open they are released and the WebSocket
+  protocol itself becomes the producer, which also gives Daphne write backpressure (below).
+- autobahn copies some 45 factory options into each protocol's `__dict__`; they are the same for
+  every connection, so a per-factory subclass carries them as class attributes.
+- Handshake-only data (the raw request, parsed headers, the response text, Daphne's header list)
+  is dropped once the handshake is done.
+
+Write backpressure: Twisted never blocks a write, it buffers. When a socket's kernel buffer and
+Twisted's 64 KB buffer are full, the transport pauses its producer; here that makes the ASGI
+`send()` wait until the client reads again, so the app's own bounded outbox (see
+`chat.consumers`) fills and the slow client is closed with 4008 instead of buffering without end.
+
+Everything here relies on Daphne, autobahn and Twisted internals at the versions pinned in
+requirements.txt; `tests/test_daphne_server.py` checks each assumption, so an upgrade that breaks
+one fails the tests rather than a deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import deque
+from functools import partial
+from typing import Any
+
+import daphne.server
+from daphne.cli import CommandLineInterface
+from daphne.server import Server
+from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
+from twisted.web.http import HTTPChannel
+
+# Attributes only the opening handshake reads (autobahn's server side and Daphne's onConnect).
+HANDSHAKE_ONLY = (
+    "http_headers", "http_request_data", "http_response_data", "http_request_params",
+    "http_status_line", "http_request_uri", "http_request_path", "http_request_host",
+    "http_headers_cnt", "_wskey", "clean_headers", "application_deferred", "websocket_origin",
+    "websocket_protocols", "websocket_extensions",
+)
+
+
+class ApplicationInbox:
+    """The ASGI `receive()` of one connection: Daphne puts events, one application task gets them."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[dict[str, Any]] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: dict[str, Any]) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> dict[str, Any]:
+        # Items stay queued until taken, so a cancelled get() loses nothing.
+        while not self._items:
+            if self._waiter is not None:
+                raise RuntimeError("ApplicationInbox has one reader; get() is already waiting")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items = self._items
+        item = items.popleft()
+        if not items:
+            self._items = None
+        return item
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+
+class OpenRequest:
+    """What Daphne still reads from the handshake request once the socket is open: its path."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+class LeanWebSocketProtocol(WebSocketProtocol):
+    # Class defaults: an attribute set on every instance costs a dict slot per connection.
+    write_paused = False
+    _writable: asyncio.Future[None] | None = None
+
+    def onOpen(self) -> None:
+        super().onOpen()
+        self.request = OpenRequest(self.request.path)
+        for name in HANDSHAKE_ONLY:
+            self.__dict__.pop(name, None)
+        self._adopt_transport()
+        # A dict never shrinks when keys are removed; a copy is sized for what is left.
+        self.__dict__ = dict(self.__dict__)
+
+    def _adopt_transport(self) -> None:
+        """Release the upgrade's HTTP objects and become the transport's producer."""
+        transport = self.transport
+        if isinstance(getattr(transport, "producer", None), HTTPChannel):
+            # After the upgrade the HTTPChannel only relays pause/resume to nobody (its request
+            # never finishes); it and its WebRequest stay alive through this reference alone.
+            transport.unregisterProducer()
+            transport.registerProducer(self, True)
+
+    # IPushProducer, called by the transport when its write buffer fills and drains.
+    def pauseProducing(self) -> None:
+        self.write_paused = True
+
+    def resumeProducing(self) -> None:
+        self.write_paused = False
+        self._wake_writers()
+
+    def stopProducing(self) -> None:
+        self.write_paused = False
+        self._wake_writers()
+
+    def _wake_writers(self) -> None:
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def until_writable(self) -> None:
+        while self.write_paused:
+            if self._writable is None:
+                self._writable = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._writable)
+
+
+class LeanWebSocketFactory(WebSocketFactory):
+    """Builds protocols of a subclass that holds this factory's options as class attributes."""
+
+    _options_class: type[LeanWebSocketProtocol] | None = None
+
+    def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
+        super().setProtocolOptions(*args, **kwargs)
+        self._options_class = None
+
+    def buildProtocol(self, addr: Any) -> LeanWebSocketProtocol:
+        if self._options_class is None:
+            # autobahn's _connectionMade copies an option into the instance only when the
+            # instance does not already have it: class attributes make that a no-op.
+            # (Callables such as perMessageCompressionAccept must not become bound methods.)
+            options = {
+                name: staticmethod(value) if callable(value) else value
+                for name in LeanWebSocketProtocol.CONFIG_ATTRS
+                for value in (getattr(self, name),)
+            }
+            self._options_class = type("LeanWebSocketProtocol", (LeanWebSocketProtocol,), options)
+            self.protocol = self._options_class
+        return super().buildProtocol(addr)
+
+
+class LeanServer(Server):
+    def run(self) -> None:
+        # Daphne builds its WebSocket factory inside run(), by the module-level name.
+        daphne.server.WebSocketFactory = LeanWebSocketFactory
+        super().run()
+
+    def create_application(self, protocol: Any, scope: dict[str, Any]) -> ApplicationInbox | None:
+        # Daphne's own create_application, with ApplicationInbox in place of asyncio.Queue.
+        assert "application_instance" not in self.connections[protocol]
+        inbox = ApplicationInbox()
+        scope.setdefault("asgi", {"version": "3.0"})
+        instance = self.application(scope=scope, receive=inbox.get, send=partial(self.handle_reply, protocol))
+        if protocol not in self.connections:
+            return None
+        self.connections[protocol]["application_instance"] = asyncio.ensure_future(
+            instance, loop=asyncio.get_event_loop()
+        )
+        return inbox
+
+    async def handle_reply(self, protocol: Any, message: dict[str, Any]) -> None:
+        await super().handle_reply(protocol, message)
+        # Only sends wait: a close must go out (into the buffer) even to a client that stopped reading.
+        if message.get("type") == "websocket.send" and getattr(protocol, "write_paused", False):
+            await protocol.until_writable()
+
+
+class LeanCommandLineInterface(CommandLineInterface):
+    server_class = LeanServer
+
+
+def main() -> None:
+    LeanCommandLineInterface().run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    # Run the importable module's classes, not this __main__ copy of them.
+    from parley import daphne_server
+
+    daphne_server.main()

@@ -1,0 +1,148 @@
+"""parley.daphne_server: what an open socket keeps alive, and write backpressure, on a real Daphne."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import websockets
+
+from embedded_redis import free_port
+from parley.daphne_server import ApplicationInbox
+from stack import wait_http
+from tests.helpers import client_frame, fetch, raw_websocket
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def test_inbox_hands_items_over_in_order():
+    inbox = ApplicationInbox()
+    inbox.put_nowait({"n": 1})
+    inbox.put_nowait({"n": 2})
+    assert [await inbox.get(), await inbox.get()] == [{"n": 1}, {"n": 2}]
+    waiting = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait({"n": 3})
+    assert await asyncio.wait_for(waiting, 1) == {"n": 3}
+    assert inbox.qsize() == 0
+
+
+async def test_a_cancelled_get_loses_nothing():
+    inbox = ApplicationInbox()
+    waiting = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait({"n": 1})
+    waiting.cancel()  # cancelled after the item arrived, before the reader resumed
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await asyncio.wait_for(inbox.get(), 1) == {"n": 1}
+
+
+async def test_a_second_concurrent_reader_is_refused():
+    inbox = ApplicationInbox()
+    first = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="one reader"):
+        await inbox.get()
+    first.cancel()
+
+
+@pytest.fixture
+def lean_daphne(tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "app"), str(REPO)])}
+    log = (tmp_path / "daphne.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parley.daphne_server", "-b", "127.0.0.1", "-p", str(port),
+         "tests.daphne_probe_app:app"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def live_objects(port: int) -> dict:
+    return json.loads(fetch(f"http://127.0.0.1:{port}/"))
+
+
+@pytest.mark.slow
+async def test_an_open_socket_keeps_no_upgrade_request_objects(lean_daphne):
+    sockets = [await websockets.connect(f"ws://127.0.0.1:{lean_daphne}/ws/") for _ in range(20)]
+    try:
+        for n, ws in enumerate(sockets):
+            await ws.send(f"hello {n}")
+            assert await asyncio.wait_for(ws.recv(), 5) == f"hello {n}"
+        # Daphne forgets an upgraded request on its next once-a-second sweep.
+        for _ in range(30):
+            report = await asyncio.to_thread(live_objects, lean_daphne)
+            counts = report["counts"]
+            if counts.get("HTTPChannel", 0) <= 1:
+                break
+            await asyncio.sleep(0.2)
+        assert counts.get("LeanWebSocketProtocol") == 20
+        # Only the HTTP request asking for the report has its channel and request objects alive.
+        assert counts.get("HTTPChannel", 0) <= 1 and counts.get("WebRequest", 0) <= 1, counts
+        assert counts.get("Queue", 0) == 0, counts
+        assert report["open_sample"]
+        assert report["options_in_instance"] == []
+        assert report["handshake_data_in_instance"] == []
+        assert report["producer_is_protocol"] is True, report
+        # The sockets still work after the clean-up, both ways, and close cleanly.
+        await sockets[0].send("still here")
+        assert await asyncio.wait_for(sockets[0].recv(), 5) == "still here"
+    finally:
+        for ws in sockets:
+            await ws.close()
+    assert sockets[0].close_code == 1000
+
+
+def server_texts(stream: bytes) -> list[str]:
+    """The text frames in what a server sent (unmasked, RFC 6455)."""
+    texts, at = [], 0
+    while at + 2 <= len(stream):
+        length, at = stream[at + 1] & 0x7F, at + 2
+        if length == 126:
+            length, at = int.from_bytes(stream[at:at + 2], "big"), at + 2
+        elif length == 127:
+            length, at = int.from_bytes(stream[at:at + 8], "big"), at + 8
+        texts.append(stream[at:at + length].decode())
+        at += length
+    return texts
+
+
+@pytest.mark.slow
+async def test_send_waits_while_a_client_is_not_reading(lean_daphne):
+    sock = await asyncio.to_thread(raw_websocket, lean_daphne, "/ws/", None)
+    try:
+        # 12 MB: beyond what loopback's socket buffers (4 MB at most here) and Twisted's 64 KB hold.
+        count, size = 3000, 4000
+        sock.sendall(client_frame(f"flood:{count},{size}".encode()))
+        await asyncio.sleep(1.5)
+        # Nobody reads: the app's send() is waiting, not piling frames into Twisted's buffer.
+        stalled = (await asyncio.to_thread(live_objects, lean_daphne))["flood_sent"]
+        assert 0 < stalled < count
+        await asyncio.sleep(0.5)
+        assert (await asyncio.to_thread(live_objects, lean_daphne))["flood_sent"] == stalled
+        # Reading resumes the sends; every frame arrives, in order.
+        stream = b""
+        sock.settimeout(20)
+        while b"flood done" not in stream[-16:]:
+            chunk = await asyncio.to_thread(sock.recv, 1 << 20)
+            assert chunk, "server closed the socket"
+            stream += chunk
+    finally:
+        sock.close()
+    texts = server_texts(stream)
+    assert texts[-1] == "flood done"
+    assert [int(text.split(":", 1)[0]) for text in texts[:-1]] == list(range(count))
