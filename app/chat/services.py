@@ -12,7 +12,7 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from chat.models import Bot, Membership, Message, Room
 from chat.protocol import ErrorCode, ProtocolError
@@ -254,7 +254,25 @@ def _store_readonly_duplicate(item: dict[str, Any]) -> list[Outcome]:
     return [Outcome(item, "duplicate", room=existing.room_id, seq=existing.seq)]
 
 
+def _reserve_seqs(room_id: int, count: int) -> tuple[int, str, int | None] | None:
+    """Lock the room and take `count` seqs in one statement: (last seq taken, kind, bot id).
+
+    The row lock is held until the batch commits, so concurrent workers get consecutive,
+    gap-free ranges. The ORM has no UPDATE ... RETURNING; PostgreSQL and SQLite >= 3.35 both do.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {Room._meta.db_table} SET last_seq = last_seq + %s WHERE id = %s "
+            "RETURNING last_seq, kind, bot_id",
+            [count, room_id],
+        )
+        row = cursor.fetchone()
+    return (int(row[0]), row[1], row[2]) if row else None
+
+
 def _store(items: list[dict[str, Any]]) -> list[Outcome]:
+    # Four statements for a batch in one room (dedupe, membership with usernames, seqs, insert):
+    # statements, not rows, are what a batch of one costs.
     outcomes: list[Outcome | None] = [None] * len(items)
     senders = {item["sender"] for item in items}
     room_ids = {item["room"] for item in items}
@@ -265,66 +283,83 @@ def _store(items: list[dict[str, Any]]) -> list[Outcome]:
             sender_id__in=senders, client_msg_id__in={i["client_msg_id"] for i in items}
         ).select_related("sender")
     }
-    members = set(
-        Membership.objects.filter(user_id__in=senders, room_id__in=room_ids).values_list("room_id", "user_id")
-    )
-    rooms = {r.pk: r for r in Room.objects.select_for_update().filter(pk__in=room_ids).order_by("pk")}
-    usernames = dict(User.objects.filter(pk__in=senders).values_list("pk", "username"))
+    usernames: dict[int, str] = {}
+    members: set[tuple[int, int]] = set()
+    for room_id, user_id, username in Membership.objects.filter(
+        user_id__in=senders, room_id__in=room_ids
+    ).values_list("room_id", "user_id", "user__username"):
+        members.add((room_id, user_id))
+        usernames[user_id] = username
 
     seen: dict[tuple[int, str], int] = {}
     per_room: dict[int, list[int]] = defaultdict(list)
+    refused: list[int] = []
     for index, item in enumerate(items):
         key = (item["sender"], item["client_msg_id"])
         if key in existing:
             found = existing[key]
+            sender_name = found.sender.get_username() if found.sender else None
             outcomes[index] = Outcome(
-                item, "duplicate", room=found.room_id, seq=found.seq,
-                frame=message_frame(found, usernames.get(found.sender_id)),
+                item, "duplicate", room=found.room_id, seq=found.seq, frame=message_frame(found, sender_name)
             )
         elif key in seen:
             outcomes[index] = Outcome(item, "duplicate")  # filled in once the first copy has a seq
-        elif item["room"] not in rooms:
-            outcomes[index] = Outcome(
-                item, "error", code=ErrorCode.NOT_FOUND, message=f"room {item['room']} does not exist"
-            )
         elif (item["room"], item["sender"]) not in members:
-            outcomes[index] = Outcome(
-                item, "error", code=ErrorCode.FORBIDDEN, message=f"you are not a member of room {item['room']}"
-            )
+            refused.append(index)
         else:
             seen[key] = index
             per_room[item["room"]].append(index)
 
     new_messages = []
-    for room_id in sorted(per_room):
-        room = rooms[room_id]
-        for index in per_room[room_id]:
-            room.last_seq += 1
+    bot_users: dict[int, int | None] = {}
+    room_kinds: dict[int, tuple[str, int | None]] = {}
+    for room_id in sorted(per_room):  # id order: concurrent workers lock rooms in the same order
+        reserved = _reserve_seqs(room_id, len(per_room[room_id]))
+        if reserved is None:  # deleted since the membership check
+            refused.extend(per_room[room_id])
+            continue
+        last, kind, bot_id = reserved
+        room_kinds[room_id] = (kind, bot_id)
+        for seq, index in enumerate(per_room[room_id], start=last - len(per_room[room_id]) + 1):
             item = items[index]
             message = Message(
                 room_id=room_id,
-                seq=room.last_seq,
+                seq=seq,
                 sender_id=item["sender"],
                 body=item["body"],
                 kind=item.get("kind", Message.Kind.TEXT),
                 client_msg_id=item["client_msg_id"],
             )
             new_messages.append((index, message))
-    # One UPDATE for every room of the batch (a statement per room cost more than the inserts).
-    Room.objects.bulk_update([rooms[room_id] for room_id in per_room], ["last_seq"])
     Message.objects.bulk_create([m for _, m in new_messages])
 
+    if refused:
+        rooms_that_exist = set(
+            Room.objects.filter(pk__in={items[i]["room"] for i in refused}).values_list("pk", flat=True)
+        )
+        for index in refused:
+            room_id = items[index]["room"]
+            if room_id in rooms_that_exist:
+                outcomes[index] = Outcome(
+                    items[index], "error", code=ErrorCode.FORBIDDEN, message=f"you are not a member of room {room_id}"
+                )
+            else:
+                outcomes[index] = Outcome(
+                    items[index], "error", code=ErrorCode.NOT_FOUND, message=f"room {room_id} does not exist"
+                )
+
     for index, message in new_messages:
-        room = rooms[message.room_id]
         outcome = Outcome(
             items[index], "stored", room=message.room_id, seq=message.seq,
             frame=message_frame(message, usernames.get(message.sender_id)),
         )
-        if room.kind == Room.Kind.BOT and room.bot_id and message.kind == Message.Kind.TEXT:
-            bot_user_id = Bot.objects.filter(pk=room.bot_id).values_list("user_id", flat=True).first()
-            if bot_user_id != message.sender_id:
+        kind, bot_id = room_kinds[message.room_id]
+        if kind == Room.Kind.BOT and bot_id and message.kind == Message.Kind.TEXT:
+            if bot_id not in bot_users:
+                bot_users[bot_id] = Bot.objects.filter(pk=bot_id).values_list("user_id", flat=True).first()
+            if bot_users[bot_id] != message.sender_id:
                 outcome.bot_job = {
-                    "type": "bot.reply", "room": room.pk, "bot": room.bot_id, "seq": message.seq,
+                    "type": "bot.reply", "room": message.room_id, "bot": bot_id, "seq": message.seq,
                     "sender": message.sender_id, "sender_name": usernames.get(message.sender_id, ""),
                     "body": message.body,
                 }
