@@ -20,12 +20,12 @@ from channels.routing import ChannelNameRouter  # noqa: E402
 
 from chat.auth import TokenOrSessionAuth  # noqa: E402
 from chat.consumers import ChatConsumer  # noqa: E402
-from chat.workers import BotConsumer, PersistConsumer  # noqa: E402
+from chat.workers import BOT_CHANNEL, PERSIST_CHANNEL, BotConsumer, PersistConsumer  # noqa: E402
 
 APPLICATIONS = {
     "http": django_asgi_app,
     "websocket": TokenOrSessionAuth(ChatConsumer.as_asgi()),
-    "channel": ChannelNameRouter({"chat.persist": PersistConsumer.as_asgi(), "chat.bot": BotConsumer.as_asgi()}),
+    "channel": ChannelNameRouter({PERSIST_CHANNEL: PersistConsumer.as_asgi(), BOT_CHANNEL: BotConsumer.as_asgi()}),
 }
 
 
