@@ -120,7 +120,8 @@ def _metrics_condition(snapshot: Snapshot | None, error: str) -> st.Condition:
     return st.Condition(
         "MetricsAvailable", True, "HeartbeatsFresh",
         f"{snapshot.shards} Redis shard(s) read; {len(snapshot.heartbeats)} fresh heartbeat(s), "
-        f"{snapshot.stale_heartbeats} stale ignored",
+        f"{snapshot.stale_heartbeats} stale ignored"
+        + (f", {snapshot.rejected_heartbeats} malformed rejected" if snapshot.rejected_heartbeats else ""),
     )
 
 

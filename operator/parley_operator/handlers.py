@@ -18,7 +18,7 @@ import kopf
 from parley_operator import autoscaler, children, resources
 from parley_operator import status as st
 from parley_operator.kube import Kube, login
-from parley_operator.spec import SpecError, parse
+from parley_operator.spec import SpecError, parse_body
 
 RESOURCE = (resources.GROUP, resources.VERSION, resources.PLURAL)
 FINALIZER = "parley.dev/operator"
@@ -72,7 +72,7 @@ async def _invalid(kube: Kube, body: kopf.Body, exc: SpecError) -> None:
 async def reconcile(body: kopf.Body, memo: kopf.Memo, reason: str, logger: logging.Logger, **_: Any) -> None:
     kube: Kube = memo.kube
     try:
-        spec = parse(body.spec)
+        spec = parse_body(body)
     except SpecError as exc:
         await _invalid(kube, body, exc)
         raise kopf.PermanentError(str(exc)) from exc
@@ -102,7 +102,7 @@ async def autoscale(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStoppe
         while not stopped and not kube.closed:
             interval = 15.0
             try:
-                spec = parse(body.spec)
+                spec = parse_body(body)
                 interval = float(spec.scaling.poll_interval_seconds)
                 async with state.lock:
                     await autoscaler.poll(kube, body, spec, state)

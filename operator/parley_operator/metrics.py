@@ -11,9 +11,12 @@ needs no network path to the pods and sees the same numbers on every poll:
   yet ZCARD still counts them, so we ZCOUNT only scores newer than `now - expiry`, exactly the
   cut-off channels-redis applies. Which shard holds a channel is the app's business: we sum
   every shard.
-* Per-process heartbeats `parley:proc:<id>` (role, pod, connections, inbox, draining, ts).
-  A process that died leaves its hash (until its TTL) and its inbox behind; only hashes whose
-  `ts` is fresh are trusted. Several processes may share a pod, so values are summed per pod.
+* Per-process heartbeats `<prefix>:proc:<id>` (role, pod, connections, inbox, draining, ts), where
+  `<prefix>` is the platform's PARLEY_CHANNEL_PREFIX, so two platforms on one Redis never count
+  each other's processes. A process that died leaves its hash (until its TTL) and its inbox
+  behind; only hashes whose `ts` is fresh are trusted. Several processes may share a pod, so
+  values are summed per pod. A malformed hash (a count that is not a small non-negative integer,
+  a `pod` that is not the process's own) is rejected and logged; it never fails the poll.
 
 Any shard failing makes the whole reading unavailable: a partial sum would look like a quiet
 system and scale it down, the one thing we must not do when blind.
@@ -22,6 +25,9 @@ system and scale it down, the one thing we must not do when blind.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,12 +36,30 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
-HEARTBEAT_PATTERN = "parley:proc:*"
+log = logging.getLogger(__name__)
+
 HEARTBEAT_FRESH_SECONDS = 15.0
 CLOCK_SKEW_SECONDS = 5.0  # a heartbeat slightly "from the future" is a skewed clock, not garbage
+# Far above what one process holds (~10k sockets measured): a larger count is garbage, and taken
+# as is it would overflow the status' int64 fields or scale the tier to its maximum.
+MAX_HEARTBEAT_COUNT = 10_000_000
+HOSTNAME_MAX = 63  # a pod's hostname is its name cut to 63 characters
+_POD_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_PROCESS_ID = re.compile(r"^(.+)-[0-9]+-[0-9a-f]+$")  # <hostname>-<pid>-<random hex>
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+def heartbeat_prefix(prefix: str) -> str:
+    """`<prefix>:proc:`, the start of every heartbeat key of a platform (see app/chat/process.py)."""
+    return f"{prefix}:proc:"
+
+
+def heartbeat_pattern(prefix: str) -> str:
+    """The SCAN MATCH pattern of a platform's heartbeats, glob characters of the prefix escaped."""
+    return _GLOB_SPECIAL.sub(r"\\\1", heartbeat_prefix(prefix)) + "*"
 
 
 class MetricsUnavailable(Exception):
@@ -61,6 +85,7 @@ class Snapshot:
     heartbeats: Sequence[Heartbeat] = ()  # fresh ones only
     stale_heartbeats: int = 0
     shards: int = 1
+    rejected_heartbeats: int = 0  # malformed hashes, ignored (and logged)
 
     @property
     def total_queue_depth(self) -> int:
@@ -117,21 +142,66 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def parse_heartbeat(process_id: str, fields: Mapping[bytes | str, bytes | str]) -> Heartbeat | None:
-    """A heartbeat hash as typed data, or None if it is malformed (we skip, not crash)."""
-    f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-         for k, v in fields.items()}
+class BadHeartbeat(ValueError):
+    """A heartbeat hash that cannot be trusted; the message says which field and why."""
+
+
+def _count(fields: Mapping[str, str], name: str) -> int:
+    raw = fields.get(name, "0")
     try:
-        return Heartbeat(
-            process_id=process_id,
-            role=f.get("role", ""),
-            pod=f.get("pod") or process_id,
-            connections=int(float(f.get("connections", 0))),
-            inbox=int(float(f.get("inbox", 0))),
-            draining=f.get("draining", "0") in ("1", "true", "True"),
-            ts=float(f["ts"]),
-        )
-    except (KeyError, ValueError):
+        value = float(raw)
+    except ValueError:
+        raise BadHeartbeat(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value != int(value) or not 0 <= value <= MAX_HEARTBEAT_COUNT:
+        raise BadHeartbeat(f"{name}={raw!r} is not a count between 0 and {MAX_HEARTBEAT_COUNT}")
+    return int(value)
+
+
+def check_heartbeat(process_id: str, fields: Mapping[bytes | str, bytes | str]) -> Heartbeat:
+    """A heartbeat hash as typed data; BadHeartbeat if any field is malformed.
+
+    The process id is `<hostname>-<pid>-<random>` (app/chat/process.py) and a pod's hostname is
+    its name (cut to 63 characters), so a `pod` that does not start the id is a hash claiming
+    another pod's load: it would move connections (and pod-deletion-cost) between pods.
+    """
+    try:
+        f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in fields.items()}
+    except UnicodeDecodeError:
+        raise BadHeartbeat("fields are not UTF-8") from None
+    if "ts" not in f:
+        raise BadHeartbeat("no ts")
+    try:
+        ts = float(f["ts"])
+    except ValueError:
+        raise BadHeartbeat(f"ts={f['ts']!r} is not a number") from None
+    if not math.isfinite(ts):
+        raise BadHeartbeat(f"ts={f['ts']!r} is not finite")
+    pod = f.get("pod") or process_id
+    if pod != process_id:
+        if not _POD_NAME.match(pod):
+            raise BadHeartbeat(f"pod={pod[:80]!r} is not a pod name")
+        host = pod[:HOSTNAME_MAX]
+        m = _PROCESS_ID.match(process_id)
+        if (m.group(1) != host) if m else not process_id.startswith(host + "-"):
+            raise BadHeartbeat(f"pod={pod!r} is not the pod of process {process_id!r}")
+    return Heartbeat(
+        process_id=process_id,
+        role=f.get("role", ""),
+        pod=pod,
+        connections=_count(f, "connections"),
+        inbox=_count(f, "inbox"),
+        draining=f.get("draining", "0") in ("1", "true", "True"),
+        ts=ts,
+    )
+
+
+def parse_heartbeat(process_id: str, fields: Mapping[bytes | str, bytes | str]) -> Heartbeat | None:
+    """A heartbeat hash as typed data, or None if it is malformed (skipped and logged, never a crash)."""
+    try:
+        return check_heartbeat(process_id, fields)
+    except BadHeartbeat as exc:
+        log.warning("ignoring malformed heartbeat of process %r: %s", process_id[:120], exc)
         return None
 
 
@@ -177,13 +247,14 @@ class RedisMetrics:
         queue: dict[str, int] = dict.fromkeys(channels, 0)
         inflight: dict[str, int] = dict.fromkeys(channels, 0)
         fresh: list[Heartbeat] = []
-        stale = 0
+        stale = rejected = 0
         for url, result in zip(self.urls, results, strict=True):
             if isinstance(result, BaseException):
                 if not isinstance(result, (RedisError, OSError, TimeoutError)):
                     raise result
                 raise MetricsUnavailable(f"Redis shard {redact(url)}: {type(result).__name__}: {result}")
-            shard_queue, shard_inflight, beats = result
+            shard_queue, shard_inflight, beats, bad = result
+            rejected += bad
             for ch in channels:
                 queue[ch] += shard_queue[ch]
                 inflight[ch] += shard_inflight[ch]
@@ -192,11 +263,11 @@ class RedisMetrics:
                     fresh.append(hb)
                 else:
                     stale += 1
-        return Snapshot(now, queue, inflight, tuple(fresh), stale, len(self.urls))
+        return Snapshot(now, queue, inflight, tuple(fresh), stale, len(self.urls), rejected)
 
     async def _read_shard(
         self, client: aioredis.Redis, channels: Sequence[str], now: float,
-    ) -> tuple[dict[str, int], dict[str, int], list[Heartbeat]]:
+    ) -> tuple[dict[str, int], dict[str, int], list[Heartbeat], int]:
         async with asyncio.timeout(self.timeout * 2):
             # channels-redis drops scores <= int(now) - expiry; count strictly newer ones.
             cutoff = f"({int(now) - int(self.expiry_seconds)}"
@@ -209,15 +280,27 @@ class RedisMetrics:
             queue = {ch: int(counts[2 * i]) for i, ch in enumerate(channels)}
             inflight = {ch: int(counts[2 * i + 1]) for i, ch in enumerate(channels)}
 
-            keys = [k async for k in client.scan_iter(match=HEARTBEAT_PATTERN, count=1000)]
+            start = heartbeat_prefix(self.prefix)
+            keys = [k async for k in client.scan_iter(match=heartbeat_pattern(self.prefix), count=1000)]
             beats: list[Heartbeat] = []
+            rejected = 0
             if keys:
                 pipe = client.pipeline(transaction=False)
                 for key in keys:
                     pipe.hgetall(key)
-                for key, fields in zip(keys, await pipe.execute(), strict=True):
-                    name = key.decode() if isinstance(key, bytes) else key
-                    hb = parse_heartbeat(name.removeprefix("parley:proc:"), fields or {})
-                    if hb is not None:
+                # raise_on_error=False: a key of another type under the pattern (WRONGTYPE) is
+                # one bad heartbeat, not an unreadable shard.
+                for key, fields in zip(keys, await pipe.execute(raise_on_error=False), strict=True):
+                    name = key.decode(errors="replace") if isinstance(key, bytes) else key
+                    if isinstance(fields, Exception):
+                        if not isinstance(fields, ResponseError):
+                            raise fields
+                        log.warning("ignoring heartbeat key %r: %s", name[:120], fields)
+                        rejected += 1
+                        continue
+                    hb = parse_heartbeat(name.removeprefix(start), fields or {})
+                    if hb is None:
+                        rejected += 1
+                    else:
                         beats.append(hb)
-            return queue, inflight, beats
+            return queue, inflight, beats, rejected

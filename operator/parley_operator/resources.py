@@ -19,7 +19,12 @@ KIND = "ChatPlatform"
 
 ROLES = ("protocol", "worker")
 PROTOCOL_PORT = 8000
-WORKER_METRICS_PORT = 9100
+METRICS_PORT = 9100  # PARLEY_METRICS_PORT: Prometheus /metrics of every role, apart from the public port
+WORKER_METRICS_PORT = METRICS_PORT
+# The image's numeric non-root user (Dockerfile `USER 10001:10001`); numeric so that the kubelet can
+# check runAsNonRoot without reading /etc/passwd.
+APP_UID = 10001
+TMP_VOLUME = "tmp"  # the only writable path: read-only root filesystem, emptyDir on /tmp
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 Obj = dict[str, Any]
@@ -89,6 +94,11 @@ def environment(spec: PlatformSpec, owner_name: str) -> list[Obj]:
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "PARLEY_DRAIN_SECONDS", "value": str(spec.drain_grace_seconds)},
         {"name": "ALLOWED_HOSTS", "value": ",".join(spec.allowed_hosts)},
+        *([{"name": "PARLEY_ALLOWED_ORIGINS", "value": ",".join(spec.allowed_origins)}]
+          if spec.allowed_origins else []),
+        *([{"name": "PARLEY_TRUSTED_PROXIES", "value": ",".join(spec.trusted_proxies)}]
+          if spec.trusted_proxies else []),
+        {"name": "PARLEY_METRICS_PORT", "value": str(METRICS_PORT)},
         {"name": "PARLEY_PLATFORM", "value": owner_name},
     ]
 
@@ -103,15 +113,30 @@ def _migrate_init_container(spec: PlatformSpec, env: list[Obj]) -> Obj:
         "command": ["parley", "migrate"],
         "env": env,
         "resources": copy.deepcopy(dict(spec.worker.resources)),
+        "securityContext": _container_security(),
+        "volumeMounts": _tmp_mount(),
     }
 
 
 def _pod_security() -> Obj:
-    return {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    # Pod Security Standard "restricted", with a numeric uid/gid.
+    return {"runAsNonRoot": True, "runAsUser": APP_UID, "runAsGroup": APP_UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def _container_security() -> Obj:
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def _tmp_volumes() -> list[Obj]:
+    # /tmp holds the protocol process's admin socket (`parley drain` talks to it) and Python's
+    # temporary files; nothing else in the image is written at run time.
+    return [{"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "256Mi"}}]
+
+
+def _tmp_mount() -> list[Obj]:
+    return [{"name": TMP_VOLUME, "mountPath": "/tmp"}]
 
 
 def protocol_template(owner: Mapping[str, Any], spec: PlatformSpec) -> Obj:
@@ -125,16 +150,19 @@ def protocol_template(owner: Mapping[str, Any], spec: PlatformSpec) -> Obj:
             # after SIGTERM; otherwise the kubelet SIGKILLs a pod that is still draining.
             "terminationGracePeriodSeconds": spec.termination_grace_seconds,
             "securityContext": _pod_security(),
+            "volumes": _tmp_volumes(),
             "initContainers": [_migrate_init_container(spec, env)],
             "containers": [{
                 "name": "protocol",
                 "image": spec.image,
                 "imagePullPolicy": spec.image_pull_policy,
                 "command": ["parley", "protocol"],
-                "ports": [{"name": "http", "containerPort": PROTOCOL_PORT, "protocol": "TCP"}],
+                "ports": [{"name": "http", "containerPort": PROTOCOL_PORT, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
                 "env": env,
                 "resources": copy.deepcopy(dict(spec.protocol.resources)),
                 "securityContext": _container_security(),
+                "volumeMounts": _tmp_mount(),
                 "readinessProbe": {"httpGet": {"path": "/readyz", **http}, "periodSeconds": 5,
                                    "failureThreshold": 1},
                 "livenessProbe": {"httpGet": {"path": "/healthz", **http}, "periodSeconds": 10,
@@ -160,16 +188,18 @@ def worker_template(owner: Mapping[str, Any], spec: PlatformSpec) -> Obj:
             # and channels-redis puts it back on the queue for the next worker.
             "terminationGracePeriodSeconds": spec.termination_grace_seconds,
             "securityContext": _pod_security(),
+            "volumes": _tmp_volumes(),
             "initContainers": [_migrate_init_container(spec, env)],
             "containers": [{
                 "name": "worker",
                 "image": spec.image,
                 "imagePullPolicy": spec.image_pull_policy,
                 "command": ["parley", "worker", *spec.worker.channels],
-                "ports": [{"name": "metrics", "containerPort": WORKER_METRICS_PORT, "protocol": "TCP"}],
+                "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
                 "env": env,
                 "resources": copy.deepcopy(dict(spec.worker.resources)),
                 "securityContext": _container_security(),
+                "volumeMounts": _tmp_mount(),
                 "livenessProbe": {"httpGet": {"path": "/metrics", **metrics}, "periodSeconds": 15,
                                   "failureThreshold": 3},
             }],
@@ -203,14 +233,16 @@ def service(owner: Mapping[str, Any], role: str) -> Obj:
         spec: Obj = {
             "type": "ClusterIP",
             "selector": selector(name, role),
-            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            # `metrics` for a ServiceMonitor; NetworkPolicies decide who may reach either port.
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                      {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
         }
     else:
         # Workers serve no traffic; the headless Service only lets Prometheus find /metrics.
         spec = {
             "clusterIP": "None",
             "selector": selector(name, role),
-            "ports": [{"name": "metrics", "port": WORKER_METRICS_PORT, "targetPort": "metrics",
+            "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics",
                        "protocol": "TCP"}],
         }
     return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(owner, role), "spec": spec}

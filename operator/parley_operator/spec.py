@@ -7,6 +7,8 @@ server) behaves identically. `tests/operator/test_crd.py` keeps the two sets equ
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +33,7 @@ class SecretKeyRef:
 class RedisSpec:
     urls: tuple[str, ...] = ()
     secret_ref: SecretKeyRef | None = None  # a key holding comma-separated URLs
-    channel_prefix: str = "asgi"
+    channel_prefix: str = "asgi"  # resolved: the spec's value or default_channel_prefix()
     expiry_seconds: int = 60
 
 
@@ -66,6 +68,8 @@ class PlatformSpec:
     image: str
     image_pull_policy: str
     allowed_hosts: tuple[str, ...]
+    allowed_origins: tuple[str, ...]
+    trusted_proxies: tuple[str, ...]
     redis: RedisSpec
     database: DatabaseSpec
     protocol: RoleSpec
@@ -101,8 +105,6 @@ DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
 # The defaults as they appear in the CRD (camelCase paths), compared with the CRD by a test.
 DEFAULTS: dict[str, Any] = {
     "imagePullPolicy": "IfNotPresent",
-    "allowedHosts": ["*"],
-    "redis.channelPrefix": "asgi",
     "redis.expirySeconds": 60,
     "redis.secretRef.key": "urls",
     "database.secretRef.urlKey": "url",
@@ -126,6 +128,18 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+ORIGIN_RE = re.compile(r"^https?://[^/*\s]+$")
+
+
+def default_channel_prefix(namespace: str, name: str) -> str:
+    """The Redis key prefix of a platform whose spec sets none: unique per ChatPlatform.
+
+    Every Redis key of the platform starts with it (`<prefix>chat.persist`, `<prefix>:proc:<pid>`,
+    ...), so two platforms sharing one Redis never read or write each other's keys.
+    """
+    return f"parley.{namespace}.{name}."
+
+
 def _get(spec: Mapping[str, Any], path: str) -> Any:
     node: Any = spec
     for part in path.split("."):
@@ -135,13 +149,46 @@ def _get(spec: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def parse(spec: Mapping[str, Any]) -> PlatformSpec:
-    """Turn `.spec` into a PlatformSpec, or raise SpecError on cross-field mistakes."""
+def parse_body(body: Mapping[str, Any]) -> PlatformSpec:
+    """parse() of a whole ChatPlatform object (its name and namespace give the default prefix)."""
+    meta = body.get("metadata") or {}
+    return parse(body.get("spec") or {}, namespace=meta.get("namespace"), name=meta.get("name"))
+
+
+def parse(spec: Mapping[str, Any], namespace: str | None = None, name: str | None = None) -> PlatformSpec:
+    """Turn `.spec` into a PlatformSpec, or raise SpecError on cross-field mistakes.
+
+    `namespace` and `name` are the ChatPlatform's: without `spec.redis.channelPrefix` they make
+    the platform's own prefix (default_channel_prefix).
+    """
     image = spec.get("image")
     if not image:
         raise SpecError("spec.image is required")
 
+    hosts = tuple(spec.get("allowedHosts") or ())
+    if not hosts:
+        raise SpecError("spec.allowedHosts is required: the host names the platform serves")
+    origins = tuple(spec.get("allowedOrigins") or ())
+    if "*" in hosts and not origins:
+        # Origins are never derived from a wildcard: a cross-site page could then open a socket
+        # with a user's cookie.
+        raise SpecError('spec.allowedOrigins is required when spec.allowedHosts contains "*"')
+    for origin in origins:
+        if not ORIGIN_RE.match(origin):
+            raise SpecError(f"spec.allowedOrigins: {origin!r} is not an origin like https://chat.example.com")
+    proxies = tuple(spec.get("trustedProxies") or ())
+    for cidr in proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError as exc:
+            raise SpecError(f"spec.trustedProxies: {cidr!r} is not a CIDR") from exc
+
     redis = spec.get("redis") or {}
+    prefix = redis.get("channelPrefix")
+    if not prefix:
+        if not namespace or not name:
+            raise SpecError("spec.redis.channelPrefix is unset and the ChatPlatform's name is unknown")
+        prefix = default_channel_prefix(namespace, name)
     urls = tuple(redis.get("urls") or ())
     redis_ref = None
     if redis.get("secretRef"):
@@ -153,26 +200,28 @@ def parse(spec: Mapping[str, Any]) -> PlatformSpec:
     if not db_ref.get("name"):
         raise SpecError("spec.database.secretRef.name is required")
 
-    def role(name: str, target_field: str) -> RoleSpec:
-        lo, hi = _get(spec, f"{name}.minReplicas"), _get(spec, f"{name}.maxReplicas")
+    def role(role_name: str, target_field: str) -> RoleSpec:
+        lo, hi = _get(spec, f"{role_name}.minReplicas"), _get(spec, f"{role_name}.maxReplicas")
         if lo > hi:
-            raise SpecError(f"spec.{name}.minReplicas ({lo}) exceeds maxReplicas ({hi})")
+            raise SpecError(f"spec.{role_name}.minReplicas ({lo}) exceeds maxReplicas ({hi})")
         return RoleSpec(
             min_replicas=lo,
             max_replicas=hi,
-            target=_get(spec, f"{name}.{target_field}"),
-            resources=_get(spec, f"{name}.resources"),
-            channels=tuple(_get(spec, "worker.channels")) if name == "worker" else (),
+            target=_get(spec, f"{role_name}.{target_field}"),
+            resources=_get(spec, f"{role_name}.resources"),
+            channels=tuple(_get(spec, "worker.channels")) if role_name == "worker" else (),
         )
 
     return PlatformSpec(
         image=image,
         image_pull_policy=_get(spec, "imagePullPolicy"),
-        allowed_hosts=tuple(_get(spec, "allowedHosts")),
+        allowed_hosts=hosts,
+        allowed_origins=origins,
+        trusted_proxies=proxies,
         redis=RedisSpec(
             urls=urls,
             secret_ref=redis_ref,
-            channel_prefix=_get(spec, "redis.channelPrefix"),
+            channel_prefix=prefix,
             expiry_seconds=_get(spec, "redis.expirySeconds"),
         ),
         database=DatabaseSpec(

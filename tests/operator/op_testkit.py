@@ -55,6 +55,7 @@ def admit(obj: dict[str, Any]) -> dict[str, Any]:
 def chat_platform(name: str = "chat", namespace: str = "ns", **spec: Any) -> dict[str, Any]:
     base_spec: dict[str, Any] = {
         "image": "registry.example/parley:1.0",
+        "allowedHosts": ["chat.example.com"],
         "redis": {"urls": ["redis://127.0.0.1:6379/0"]},
         "database": {"secretRef": {"name": "parley-db"}},
     }

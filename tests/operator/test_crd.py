@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jsonschema
@@ -35,7 +36,7 @@ def test_a_minimal_spec_is_complete_after_defaulting() -> None:
     assert stored["spec"]["scaling"]["pollIntervalSeconds"] == 15
     # Parsing the defaulted and the raw spec gives the same platform: no behaviour depends on
     # whether the API server defaulted the object.
-    assert specmod.parse(stored["spec"]) == specmod.parse(chat_platform()["spec"])
+    assert specmod.parse_body(stored) == specmod.parse_body(chat_platform())
 
 
 BAD_SPECS = [
@@ -54,6 +55,14 @@ BAD_SPECS = [
     ("unknown pull policy", {"imagePullPolicy": "Sometimes"}),
     ("drain of zero seconds", {"drain": {"gracePeriodSeconds": 0}}),
     ("replicas as a string", {"protocol": {"maxReplicas": "10"}}),
+    ("no allowed hosts", {"allowedHosts": None}),
+    ("empty allowed hosts", {"allowedHosts": []}),
+    ("origin with a path", {"allowedOrigins": ["https://chat.example.com/app"]}),
+    ("origin without scheme", {"allowedOrigins": ["chat.example.com"]}),
+    ("wildcard origin", {"allowedOrigins": ["https://*.example.com"]}),
+    ("proxy that is a host name", {"trustedProxies": ["ingress-nginx"]}),
+    ("prefix with a space", {"redis": {"urls": ["redis://r"], "channelPrefix": "my app"}}),
+    ("prefix with a glob", {"redis": {"urls": ["redis://r"], "channelPrefix": "a*"}}),
 ]
 
 
@@ -70,6 +79,9 @@ def test_bad_specs_are_rejected_by_the_schema(name: str, change: dict[str, Any])
     ({"protocol": {"minReplicas": 5, "maxReplicas": 3}}, "protocol.minReplicas"),
     ({"worker": {"minReplicas": 4, "maxReplicas": 2}}, "worker.minReplicas"),
     ({"redis": {"urls": ["redis://a"], "secretRef": {"name": "r"}}}, "exactly one"),
+    ({"allowedHosts": ["*"]}, "allowedOrigins is required when"),
+    ({"allowedHosts": ["chat.example.com", "*"], "allowedOrigins": []},
+     "allowedOrigins is required when"),
 ])
 def test_cross_field_rules_exist_in_cel_and_in_the_operator(change: dict[str, Any], message: str) -> None:
     rules = [r["message"] for r in spec_schema()["x-kubernetes-validations"]]
@@ -77,13 +89,39 @@ def test_cross_field_rules_exist_in_cel_and_in_the_operator(change: dict[str, An
     assert any(message in r for r in rules)
     body = admit({**chat_platform(), "spec": {**chat_platform()["spec"], **change}})
     with pytest.raises(specmod.SpecError, match=message):
-        specmod.parse(body["spec"])
+        specmod.parse_body(body)
+
+
+def test_the_wildcard_rule_in_cel_says_what_parse_says() -> None:
+    (rule,) = [r for r in spec_schema()["x-kubernetes-validations"] if "'*'" in r["rule"]]
+    assert rule["rule"] == "!('*' in self.allowedHosts) || (has(self.allowedOrigins) && size(self.allowedOrigins) > 0)"
+    ok = chat_platform(allowedHosts=["*"], allowedOrigins=["https://chat.example.com"])
+    assert specmod.parse_body(admit(ok)).allowed_origins == ("https://chat.example.com",)
+
+
+def test_the_default_redis_prefix_is_per_platform() -> None:
+    assert "default" not in spec_schema()["properties"]["redis"]["properties"]["channelPrefix"]
+    a = specmod.parse_body(admit(chat_platform(name="chat", namespace="team-a")))
+    b = specmod.parse_body(admit(chat_platform(name="chat", namespace="team-b")))
+    assert a.redis.channel_prefix == "parley.team-a.chat."
+    assert b.redis.channel_prefix == "parley.team-b.chat."
+    with pytest.raises(specmod.SpecError, match="channelPrefix"):
+        specmod.parse(chat_platform()["spec"])  # no name to derive it from
+    # A derived prefix always satisfies the schema's pattern for an explicit one.
+    pattern = spec_schema()["properties"]["redis"]["properties"]["channelPrefix"]["pattern"]
+    assert re.match(pattern, a.redis.channel_prefix)
+
+
+def test_trusted_proxies_must_be_networks() -> None:
+    body = admit(chat_platform(trustedProxies=["10.0.0.0/33"]))  # matches the pattern, not a network
+    with pytest.raises(specmod.SpecError, match="trustedProxies"):
+        specmod.parse_body(body)
 
 
 def test_redis_urls_may_come_from_a_secret() -> None:
     body = chat_platform()
     body["spec"]["redis"] = {"secretRef": {"name": "parley-redis"}}
-    parsed = specmod.parse(admit(body)["spec"])
+    parsed = specmod.parse_body(admit(body))
     assert parsed.redis.secret_ref == specmod.SecretKeyRef("parley-redis", "urls")
 
 

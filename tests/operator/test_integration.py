@@ -18,7 +18,9 @@ from embedded_redis import EmbeddedRedis
 
 FAST = {"pollIntervalSeconds": 1, "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 3,
         "maxScaleUpStep": 10, "maxScaleDownStep": 10}
-QUEUE = "asgichat.persist"
+# No spec.redis.channelPrefix in these platforms: the operator derives parley.<namespace>.<name>.
+PREFIX = "parley.ns.chat."
+QUEUE = PREFIX + "chat.persist"
 
 
 def fill_queue(url: str, count: int, age: float = 0.0, key: str = QUEUE) -> None:
@@ -31,11 +33,13 @@ def fill_queue(url: str, count: int, age: float = 0.0, key: str = QUEUE) -> None
 
 def heartbeat(url: str, process_id: str, pod: str, connections: int, age: float = 0.0) -> None:
     client = redis.Redis.from_url(url)
-    client.hset(f"parley:proc:{process_id}", mapping={
+    # The app's key and process id: `<prefix>:proc:<hostname>-<pid>-<random>`, hostname = pod name.
+    key = f"{PREFIX}:proc:{pod}-{process_id}"
+    client.hset(key, mapping={
         "role": "protocol", "pod": pod, "connections": connections, "inbox": 0, "draining": 0,
         "ts": time.time() - age,
     })
-    client.expire(f"parley:proc:{process_id}", 60)
+    client.expire(key, 60)
     client.close()
 
 

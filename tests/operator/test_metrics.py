@@ -10,7 +10,14 @@ import redis
 from channels_redis.core import RedisChannelLayer
 
 from embedded_redis import EmbeddedRedis, free_port
-from parley_operator.metrics import MetricsUnavailable, RedisMetrics, parse_heartbeat, redact
+from parley_operator.metrics import (
+    BadHeartbeat,
+    MetricsUnavailable,
+    RedisMetrics,
+    check_heartbeat,
+    parse_heartbeat,
+    redact,
+)
 
 CHANNELS = ("chat.persist", "chat.bot")
 
@@ -80,7 +87,7 @@ async def test_only_fresh_heartbeats_count_summed_per_pod(urls: list[str]) -> No
     now = time.time()
 
     def beat(url: str, pid: str, **fields: object) -> None:
-        redis.Redis.from_url(url).hset(f"parley:proc:{pid}", mapping={
+        redis.Redis.from_url(url).hset(f"asgi:proc:{fields['pod']}-{pid}", mapping={
             "role": "protocol", "connections": 0, "inbox": 0, "draining": 0, "ts": now, **fields})
 
     # Heartbeats land on whichever shard; processes of one pod are summed.
@@ -89,7 +96,7 @@ async def test_only_fresh_heartbeats_count_summed_per_pod(urls: list[str]) -> No
     beat(urls[1], "b1", pod="web-b", connections=40, draining=1)
     beat(urls[0], "ghost", pod="web-c", connections=5000, ts=now - 16)  # died 16 s ago
     beat(urls[0], "w1", pod="worker-a", role="worker", inbox=3)
-    redis.Redis.from_url(urls[0]).hset("parley:proc:broken", mapping={"role": "protocol"})  # no ts
+    redis.Redis.from_url(urls[0]).hset("asgi:proc:broken", mapping={"role": "protocol"})  # no ts
 
     snapshot = await read(urls)
     assert snapshot.pod_connections == {"web-a": 150, "web-b": 40}
@@ -120,7 +127,99 @@ def test_redact(url: str, shown: str) -> None:
 
 
 def test_parse_heartbeat_tolerates_bytes_and_rejects_garbage() -> None:
-    hb = parse_heartbeat("p", {b"role": b"worker", b"pod": b"w", b"connections": b"0", b"inbox": b"2",
+    hb = parse_heartbeat("w-1-a", {b"role": b"worker", b"pod": b"w", b"connections": b"0", b"inbox": b"2",
                                b"draining": b"0", b"ts": b"1700000000.5"})
     assert hb is not None and hb.inbox == 2 and hb.ts == 1700000000.5
     assert parse_heartbeat("p", {b"role": b"protocol", b"ts": b"yesterday"}) is None
+
+
+async def test_heartbeats_are_read_under_the_platforms_prefix_only(urls: list[str]) -> None:
+    now = time.time()
+    client = redis.Redis.from_url(urls[0])
+    mine = {"role": "protocol", "pod": "web-a", "connections": 7, "inbox": 0, "draining": 0, "ts": now}
+    client.hset("parley.ns.chat.:proc:web-a-1-abc", mapping=mine)
+    # Another platform on the same Redis, and the pre-prefix key format: neither is ours.
+    client.hset("parley.ns.other.:proc:web-b-1-abc", mapping={**mine, "pod": "web-b", "connections": 900})
+    client.hset("parley:proc:web-c-1-abc", mapping={**mine, "pod": "web-c", "connections": 900})
+    client.zadd("parley.ns.chat.chat.persist", {"m1": now, "m2": now})
+    client.zadd("parley.ns.other.chat.persist", {"x": now})
+
+    snapshot = await read(urls, prefix="parley.ns.chat.")
+    assert snapshot.pod_connections == {"web-a": 7}
+    assert snapshot.queue_depth["chat.persist"] == 2
+
+
+async def test_malformed_heartbeats_are_rejected_without_failing_the_poll(
+        urls: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    now = time.time()
+    client = redis.Redis.from_url(urls[0])
+    good = {"role": "protocol", "pod": "web-a", "connections": 5, "inbox": 0, "draining": 0, "ts": now}
+    client.hset("asgi:proc:web-a-1-abc", mapping=good)
+    client.hset("asgi:proc:web-a-2-abc", mapping={**good, "connections": "inf"})
+    client.hset("asgi:proc:web-a-3-abc", mapping={**good, "connections": -4})
+    client.hset("asgi:proc:web-a-4-abc", mapping={**good, "pod": "web-b"})  # claims another pod's load
+    client.set("asgi:proc:web-a-5-abc", "not a hash")  # WRONGTYPE for HGETALL
+    snapshot = await read(urls)
+    assert snapshot.pod_connections == {"web-a": 5}
+    assert snapshot.rejected_heartbeats == 4
+    assert "ignoring malformed heartbeat" in caplog.text
+
+
+GOOD = {"role": "protocol", "pod": "chat-protocol-7d9f-x2x", "connections": "12", "inbox": "3",
+        "draining": "0", "ts": "1700000000.5"}
+PID = "chat-protocol-7d9f-x2x-1-3fa2b1"
+MALFORMED = [
+    ("connections inf", {"connections": "inf"}),
+    ("connections -inf", {"connections": "-inf"}),
+    ("connections nan", {"connections": "nan"}),
+    ("connections negative", {"connections": "-1"}),
+    ("connections fractional", {"connections": "1.5"}),
+    ("connections huge", {"connections": "1e300"}),
+    ("connections over the bound", {"connections": str(10_000_001)}),
+    ("connections text", {"connections": "many"}),
+    ("inbox inf", {"inbox": "inf"}),
+    ("inbox negative", {"inbox": "-7"}),
+    ("inbox huge", {"inbox": "99999999999999999999"}),
+    ("ts nan", {"ts": "nan"}),
+    ("ts inf", {"ts": "inf"}),
+    ("ts text", {"ts": "yesterday"}),
+    ("pod of another process", {"pod": "chat-protocol-other-abc"}),
+    ("pod that is a prefix only", {"pod": "chat-protocol-7d9f"}),
+    ("pod that is not a name", {"pod": "../../etc"}),
+    ("pod that is huge", {"pod": "a" * 10_000}),
+]
+
+
+@pytest.mark.parametrize(("name", "change"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_parse_heartbeat_rejects(name: str, change: dict[str, str]) -> None:
+    assert parse_heartbeat(PID, {**GOOD, **change}) is None
+    with pytest.raises(BadHeartbeat):
+        check_heartbeat(PID, {**GOOD, **change})
+
+
+def test_parse_heartbeat_rejects_a_missing_ts_and_non_utf8() -> None:
+    assert parse_heartbeat(PID, {k: v for k, v in GOOD.items() if k != "ts"}) is None
+    assert parse_heartbeat(PID, {**GOOD, "pod": b"\xff\xfe"}) is None
+
+
+ACCEPTED = [
+    ("as written by the app", {}, 12),
+    ("float formatting of an integer", {"connections": "12.0"}, 12),
+    ("zero", {"connections": "0"}, 0),
+    ("at the bound", {"connections": str(10_000_000)}, 10_000_000),
+    ("no pod field: the process is its own pod", {"pod": ""}, 12),
+    ("no counts: zero", {"connections": None}, 0),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "connections"), ACCEPTED, ids=[a[0] for a in ACCEPTED])
+def test_parse_heartbeat_accepts(name: str, change: dict[str, str | None], connections: int) -> None:
+    fields = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
+    hb = parse_heartbeat(PID, fields)
+    assert hb is not None and hb.connections == connections
+
+
+def test_a_pod_name_longer_than_a_hostname_matches_its_truncated_hostname() -> None:
+    pod = "p" * 70  # hostname = the first 63 characters
+    hb = parse_heartbeat(f"{'p' * 63}-12-abcdef", {**GOOD, "pod": pod})
+    assert hb is not None and hb.pod == pod

@@ -8,7 +8,7 @@ from typing import Any
 from op_testkit import admit, chat_platform
 
 from parley_operator import resources
-from parley_operator.spec import DRAIN_MARGIN_SECONDS, parse
+from parley_operator.spec import DRAIN_MARGIN_SECONDS, parse_body
 
 
 def owner(**spec: Any) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def env_of(deployment: dict[str, Any]) -> dict[str, Any]:
 
 def test_protocol_pods_drain_before_they_die() -> None:
     body = owner(drain={"gracePeriodSeconds": 90})
-    dep = resources.deployment(body, parse(body["spec"]), "protocol", replicas=2)
+    dep = resources.deployment(body, parse_body(body), "protocol", replicas=2)
     pod = dep["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["parley", "drain"]
@@ -37,7 +37,7 @@ def test_every_pod_migrates_first_and_gets_the_contract_environment() -> None:
     body = owner(allowedHosts=["chat.example.com"],
                  database={"secretRef": {"name": "db", "urlKey": "dsn", "secretKeyKey": "django"}},
                  redis={"urls": ["redis://r0:6379/0", "redis://r1:6379/0"]})
-    spec = parse(body["spec"])
+    spec = parse_body(body)
     for role in resources.ROLES:
         dep = resources.deployment(body, spec, role, replicas=1)
         (init,) = dep["spec"]["template"]["spec"]["initContainers"]
@@ -54,13 +54,13 @@ def test_every_pod_migrates_first_and_gets_the_contract_environment() -> None:
 
 def test_redis_urls_from_a_secret_stay_in_the_secret() -> None:
     body = owner(redis={"secretRef": {"name": "parley-redis", "key": "shards"}})
-    env = env_of(resources.deployment(body, parse(body["spec"]), "worker", replicas=1))
+    env = env_of(resources.deployment(body, parse_body(body), "worker", replicas=1))
     assert env["REDIS_URLS"] == {"secretKeyRef": {"name": "parley-redis", "key": "shards"}}
 
 
 def test_workers_consume_the_configured_channels() -> None:
     body = owner(worker={"channels": ["chat.persist", "chat.moderate"]})
-    dep = resources.deployment(body, parse(body["spec"]), "worker", replicas=0)
+    dep = resources.deployment(body, parse_body(body), "worker", replicas=0)
     assert dep["spec"]["template"]["spec"]["containers"][0]["command"] == [
         "parley", "worker", "chat.persist", "chat.moderate"]
     assert dep["spec"]["replicas"] == 0
@@ -79,7 +79,7 @@ def test_services_and_budgets_select_their_role_only() -> None:
 
 def test_drift_ignores_server_defaults_but_not_edits() -> None:
     body = owner()
-    desired = resources.protocol_template(body, parse(body["spec"]))
+    desired = resources.protocol_template(body, parse_body(body))
     live = copy.deepcopy(desired)
     live["spec"]["dnsPolicy"] = "ClusterFirst"  # added by the API server
     live["spec"]["containers"][0]["terminationMessagePath"] = "/dev/termination-log"
@@ -96,3 +96,47 @@ def test_drift_ignores_server_defaults_but_not_edits() -> None:
     extra_env = copy.deepcopy(live)
     extra_env["spec"]["containers"][0]["env"].append({"name": "DEBUG", "value": "1"})
     assert not resources.is_subset(desired, extra_env)
+
+
+def test_origins_proxies_and_metrics_port_reach_the_pods() -> None:
+    body = owner(allowedHosts=["chat.example.com"], allowedOrigins=["https://chat.example.com"],
+                 trustedProxies=["10.0.0.0/8", "fd00::/8"])
+    spec = parse_body(body)
+    protocol = resources.deployment(body, spec, "protocol", replicas=1)
+    env = env_of(protocol)
+    assert env["PARLEY_ALLOWED_ORIGINS"] == "https://chat.example.com"
+    assert env["PARLEY_TRUSTED_PROXIES"] == "10.0.0.0/8,fd00::/8"
+    assert env["PARLEY_METRICS_PORT"] == "9100"
+    ports = {p["name"]: p["containerPort"]
+             for p in protocol["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ports == {"http": 8000, "metrics": 9100}
+    service_ports = {p["name"]: p["port"] for p in resources.service(body, "protocol")["spec"]["ports"]}
+    assert service_ports == {"http": 80, "metrics": 9100}
+    # Unset lists are not passed at all: the app then derives origins from the hosts and trusts no proxy.
+    plain = env_of(resources.deployment(owner(), parse_body(owner()), "protocol", replicas=1))
+    assert "PARLEY_ALLOWED_ORIGINS" not in plain and "PARLEY_TRUSTED_PROXIES" not in plain
+
+
+def test_each_platform_gets_its_own_redis_prefix_unless_the_spec_sets_one() -> None:
+    a, b = owner(), admit(chat_platform(name="other", namespace="ns"))
+    assert env_of(resources.deployment(a, parse_body(a), "worker", 1))["PARLEY_CHANNEL_PREFIX"] == "parley.ns.chat."
+    assert env_of(resources.deployment(b, parse_body(b), "worker", 1))["PARLEY_CHANNEL_PREFIX"] == "parley.ns.other."
+    legacy = owner(redis={"urls": ["redis://r:6379/0"], "channelPrefix": "asgi"})
+    assert env_of(resources.deployment(legacy, parse_body(legacy), "worker", 1))["PARLEY_CHANNEL_PREFIX"] == "asgi"
+
+
+def test_every_container_is_pss_restricted_with_a_read_only_root() -> None:
+    body = owner()
+    for role in resources.ROLES:
+        pod = resources.deployment(body, parse_body(body), role, replicas=1)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert isinstance(pod["securityContext"]["runAsUser"], int) and pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}]
+        for container in pod["initContainers"] + pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+            assert container["resources"]["requests"]
