@@ -99,6 +99,7 @@ def environment(spec: PlatformSpec, owner_name: str) -> list[Obj]:
         *([{"name": "PARLEY_TRUSTED_PROXIES", "value": ",".join(spec.trusted_proxies)}]
           if spec.trusted_proxies else []),
         {"name": "PARLEY_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": "PARLEY_SERVER", "value": spec.server},
         {"name": "PARLEY_PLATFORM", "value": owner_name},
     ]
 

@@ -76,6 +76,7 @@ class PlatformSpec:
     worker: RoleSpec
     scaling: ScalingSpec
     drain_grace_seconds: int
+    server: str = "daphne"  # PARLEY_SERVER of the protocol pods: daphne or uvicorn
 
     @property
     def termination_grace_seconds(self) -> int:
@@ -112,6 +113,7 @@ DEFAULTS: dict[str, Any] = {
     "protocol.minReplicas": 2,
     "protocol.maxReplicas": 10,
     "protocol.targetConnectionsPerPod": 5000,
+    "protocol.server": "daphne",
     "protocol.resources": DEFAULT_RESOURCES["protocol"],
     "worker.minReplicas": 1,
     "worker.maxReplicas": 10,
@@ -240,4 +242,5 @@ def parse(spec: Mapping[str, Any], namespace: str | None = None, name: str | Non
             tolerance_percent=_get(spec, "scaling.tolerancePercent"),
         ),
         drain_grace_seconds=_get(spec, "drain.gracePeriodSeconds"),
+        server=_get(spec, "protocol.server"),
     )

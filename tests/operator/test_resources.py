@@ -107,6 +107,9 @@ def test_origins_proxies_and_metrics_port_reach_the_pods() -> None:
     assert env["PARLEY_ALLOWED_ORIGINS"] == "https://chat.example.com"
     assert env["PARLEY_TRUSTED_PROXIES"] == "10.0.0.0/8,fd00::/8"
     assert env["PARLEY_METRICS_PORT"] == "9100"
+    assert env["PARLEY_SERVER"] == "daphne"
+    uvicorn = owner(protocol={"server": "uvicorn"})
+    assert env_of(resources.deployment(uvicorn, parse_body(uvicorn), "protocol", 1))["PARLEY_SERVER"] == "uvicorn"
     ports = {p["name"]: p["containerPort"]
              for p in protocol["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert ports == {"http": 8000, "metrics": 9100}
