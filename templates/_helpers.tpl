@@ -71,6 +71,12 @@ app.kubernetes.io/instance: {{ include "parley.name" . }}
 {{- if and (not .Values.redis.enabled) (not .Values.externalRedis.urls) (not .Values.externalRedis.existingSecret) -}}
 {{- fail "redis.enabled=false needs externalRedis.urls or externalRedis.existingSecret" -}}
 {{- end -}}
+{{- if gt (int .Values.protocol.minReplicas) (int .Values.protocol.maxReplicas) -}}
+{{- fail "protocol.minReplicas must not exceed protocol.maxReplicas" -}}
+{{- end -}}
+{{- if gt (int .Values.worker.minReplicas) (int .Values.worker.maxReplicas) -}}
+{{- fail "worker.minReplicas must not exceed worker.maxReplicas" -}}
+{{- end -}}
 {{- if and (has "*" .Values.allowedHosts) (not .Values.allowedOrigins) -}}
 {{- fail "allowedOrigins is required when allowedHosts contains \"*\" (origins are never derived from a wildcard)" -}}
 {{- end -}}
