@@ -24,7 +24,7 @@ COPY operator/parley_operator/ ./operator/parley_operator/
 # Static files collected at build time (the root filesystem is read-only at run time), and
 # bytecode compiled now, since nothing may write __pycache__ later. The key only lets settings load.
 WORKDIR /opt/parley/app
-RUN SECRET_KEY=collectstatic-build-only PARLEY_DEV=1 /opt/venv/bin/python manage.py collectstatic --noinput --verbosity 0 \
+RUN SECRET_KEY=collectstatic-build-only DATABASE_URL=sqlite:////tmp/build.sqlite3 /opt/venv/bin/python manage.py collectstatic --noinput --verbosity 0 \
  && /opt/venv/bin/python -m compileall -q /opt/parley/app /opt/parley/operator /opt/venv/lib \
  && chmod 0755 /opt/parley/bin/parley
 
