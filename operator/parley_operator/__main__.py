@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--liveness", default=os.environ.get("PARLEY_OPERATOR_LIVENESS",
                                                              "http://0.0.0.0:8080/healthz"),
                         help="liveness endpoint for the operator's own pod ('' to disable)")
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("PARLEY_OPERATOR_METRICS_PORT", "0")),
+                        help="serve the operator's Prometheus metrics on this port (0: off)")
     parser.add_argument("--log-format", choices=["json", "full", "plain"],
                         default=os.environ.get("PARLEY_OPERATOR_LOG_FORMAT", "json"))
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -36,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    os.environ["PARLEY_OPERATOR_METRICS_PORT"] = str(args.metrics_port)  # read by the startup handler
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()], log_refkey="object")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     asyncio.run(kopf.operator(

@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from parley_operator import children, resources, scaling
+from parley_operator import children, exporter, resources, scaling
 from parley_operator import status as st
 from parley_operator.kube import Kube, KubeError, path
 from parley_operator.metrics import MetricsUnavailable, RedisMetrics, Snapshot
@@ -228,6 +228,14 @@ async def poll(
             "inboxBacklog": _replace_map(previous.get("inboxBacklog"), snapshot.inbox_backlog),
         })
     await write_status(kube, owner, body_status)
+    gauges = exporter.PLATFORMS.setdefault((ns, name), exporter.PlatformGauges())
+    gauges.metrics_available = int(snapshot is not None and snapshot.protocol_reporting)
+    gauges.desired = {role: d.replicas for role, d in decisions.items()}
+    gauges.ready = {role: body_status[role]["readyReplicas"] for role in decisions}
+    if snapshot is not None:
+        gauges.connections = snapshot.connections
+        gauges.queue_depth = snapshot.total_queue_depth
+        gauges.rejected_heartbeats = snapshot.rejected_heartbeats
     return body_status
 
 

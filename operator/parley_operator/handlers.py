@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from parley_operator import autoscaler, children, resources
+from parley_operator import autoscaler, children, exporter, resources
 from parley_operator import status as st
 from parley_operator.kube import Kube, login
 from parley_operator.spec import SpecError, parse_body
@@ -41,6 +41,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # skipping the scan removes cluster-wide list/watch on CRDs and namespaces from the RBAC.
     settings.scanning.disabled = True
     memo.kube = Kube(lambda: login(settings))
+    memo.exporter = await exporter.start()
 
 
 @kopf.on.cleanup()
@@ -48,6 +49,9 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     kube = memo.get("kube")
     if kube is not None:
         await kube.close()
+    runner = memo.get("exporter")
+    if runner is not None:
+        await runner.cleanup()
 
 
 def _state(memo: kopf.Memo) -> autoscaler.PlatformState:
@@ -117,4 +121,5 @@ async def autoscale(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStoppe
                 logger.exception("poll failed; retrying in %ss", interval)
             await stopped.wait(interval)
     finally:
+        exporter.forget(body.metadata.namespace, body.metadata.name)
         await state.close()

@@ -115,7 +115,8 @@ def test_network_policies_select_the_right_pods() -> None:
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}}} in ingress_rule["from"]
     assert _allowed(policies["chat-worker"], labels, 9100) == set()  # Prometheus' namespace only
-    assert policies["chat-operator"]["spec"]["ingress"] == []
+    assert _allowed(policies["chat-operator"], labels, 9101) == set()  # Prometheus' namespace only
+    assert policies["chat-jobs"]["spec"]["ingress"] == []
     for policy in policies.values():
         assert policy["spec"]["policyTypes"] == ["Ingress"]
 
