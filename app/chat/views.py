@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.contrib.auth import authenticate, get_user_model, login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, connection
+from django.db import IntegrityError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
-from django.views.decorators.csrf import csrf_exempt, ensure_csrf_cookie
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from django.views.decorators.csrf import ensure_csrf_cookie
 
-from chat import metrics, services
+from chat import services
 from chat.http_auth import api_view, error, json_body
 from chat.models import ApiToken
-from chat.process import STATE
-from chat.protocol import ErrorCode, ProtocolError
-from chat.redis_pool import clients
+from chat.protocol import ErrorCode, ProtocolError, check_text
 from parley.config import CONFIG
 
 User = get_user_model()
@@ -37,7 +32,7 @@ def _str_field(data: dict[str, Any], name: str, max_length: int = 150) -> str:
         raise ProtocolError(ErrorCode.INVALID_FRAME, f"`{name}` is required and must be a non-empty string")
     if len(value) > max_length:
         raise ProtocolError(ErrorCode.INVALID_FRAME, f"`{name}` is longer than {max_length} characters")
-    return value.strip()
+    return check_text(value, name).strip()
 
 
 # --- auth ----------------------------------------------------------------------------------------
@@ -130,53 +125,9 @@ def messages(request: HttpRequest, room_id: int) -> JsonResponse:
 # --- operations ----------------------------------------------------------------------------------
 
 
-def healthz(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"status": "ok"})
-
-
-def _database_ok() -> None:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-
-
-async def readyz(request: HttpRequest) -> JsonResponse:
-    checks: dict[str, str] = {}
-    try:
-        await sync_to_async(_database_ok)()
-        checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"error: {exc}"
-    for index, client in enumerate(clients()):
-        try:
-            await client.ping()
-            checks[f"redis{index}"] = "ok"
-        except Exception as exc:
-            checks[f"redis{index}"] = f"error: {exc}"
-    ready = all(v == "ok" for v in checks.values()) and not STATE.draining
-    status = "draining" if STATE.draining else ("ok" if ready else "unavailable")
-    return JsonResponse({"status": status, "checks": checks}, status=200 if ready else 503)
-
-
-def metrics_view(request: HttpRequest) -> HttpResponse:
-    # The collectors live in chat.metrics; the default registry holds them once it is imported.
-    return HttpResponse(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST)
-
-
-def _is_loopback(request: HttpRequest) -> bool:
-    try:
-        return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
-    except ValueError:
-        return False
-
-
-@csrf_exempt
-async def drain(request: HttpRequest) -> JsonResponse:
-    """preStop hook target (`parley drain`): loopback only, so only the pod itself can drain it."""
-    if not _is_loopback(request):
-        return error(403, "forbidden", "drain is only accepted from the pod itself")
-    if request.method == "POST":
-        STATE.drain()
-    return JsonResponse({"draining": STATE.draining, "connections": len(STATE.connections)})
+# /healthz and /readyz are answered before Django (chat.health), for any Host; /metrics is on
+# its own port (PARLEY_METRICS_PORT), and the drain on a Unix socket (chat.admin): none of them
+# is reachable through the public listener.
 
 
 # --- web page ------------------------------------------------------------------------------------

@@ -18,9 +18,11 @@ django_asgi_app = ASGIStaticFilesHandler(get_asgi_application())
 from asgiref.sync import markcoroutinefunction  # noqa: E402
 from channels.routing import ChannelNameRouter  # noqa: E402
 
+from chat import admin, health  # noqa: E402
 from chat.auth import TokenOrSessionAuth  # noqa: E402
 from chat.consumers import ChatConsumer  # noqa: E402
 from chat.workers import BOT_CHANNEL, PERSIST_CHANNEL, BotConsumer, PersistConsumer  # noqa: E402
+from parley import proxies  # noqa: E402
 
 APPLICATIONS = {
     "http": django_asgi_app,
@@ -36,10 +38,18 @@ def application(scope: dict, receive: Any, send: Any) -> Awaitable[None]:
     The router's frame would live as long as each WebSocket and keep the handshake scope, headers
     and all, reachable; returning the chosen application's coroutine leaves nothing behind.
     """
+    kind = scope["type"]
+    if kind == "http" or kind == "websocket":
+        # A server process: its admin listener and metrics port start with the first request
+        # (Daphne has no lifespan events; the kubelet's first probe comes within seconds).
+        admin.ensure_started()
+        proxies.apply(scope)
+        if kind == "http" and scope["path"] in health.PATHS:
+            return health.serve(scope, receive, send)
     try:
-        app = APPLICATIONS[scope["type"]]
+        app = APPLICATIONS[kind]
     except KeyError:
-        raise ValueError(f"no application for scope type {scope['type']!r}") from None
+        raise ValueError(f"no application for scope type {kind!r}") from None
     return app(scope, receive, send)
 
 

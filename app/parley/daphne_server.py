@@ -39,6 +39,8 @@ from daphne.server import Server
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 from twisted.web.http import HTTPChannel
 
+from parley.config import CONFIG
+
 # Attributes only the opening handshake reads (autobahn's server side and Daphne's onConnect).
 HANDSHAKE_ONLY = (
     "http_headers", "http_request_data", "http_response_data", "http_request_params",
@@ -49,18 +51,29 @@ HANDSHAKE_ONLY = (
 
 
 class ApplicationInbox:
-    """The ASGI `receive()` of one connection: Daphne puts events, one application task gets them."""
+    """The ASGI `receive()` of one connection: Daphne puts events, one application task gets them.
 
-    __slots__ = ("_items", "_waiter")
+    Bounded: when `limit` events wait, reading from the client's socket pauses (TCP then pushes
+    back on the client) until the application has taken half of them. Twisted would otherwise
+    read and decode frames into memory as fast as a hostile client sends them.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_items", "_paused", "_waiter", "limit", "transport")
+
+    def __init__(self, transport: Any = None, limit: int = 0) -> None:
         self._items: deque[dict[str, Any]] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self.transport = transport
+        self.limit = limit
+        self._paused = False
 
     def put_nowait(self, item: dict[str, Any]) -> None:
         if self._items is None:
             self._items = deque()
         self._items.append(item)
+        if self.limit and not self._paused and len(self._items) >= self.limit and self.transport is not None:
+            self._paused = True
+            self.transport.pauseProducing()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -77,6 +90,9 @@ class ApplicationInbox:
                 self._waiter = None
         items = self._items
         item = items.popleft()
+        if self._paused and len(items) <= self.limit // 2:
+            self._paused = False
+            self.transport.resumeProducing()
         if not items:
             self._items = None
         return item
@@ -166,6 +182,13 @@ class LeanWebSocketFactory(WebSocketFactory):
 
 
 class LeanServer(Server):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Near the protocol's own frame limit, not Daphne's 1 MiB: autobahn closes with 1009
+        # before buffering more of a frame no valid client sends.
+        self.websocket_max_message_size = CONFIG.ws_max_bytes
+        self.websocket_max_frame_size = CONFIG.ws_max_bytes
+
     def run(self) -> None:
         # Daphne builds its WebSocket factory inside run(), by the module-level name.
         daphne.server.WebSocketFactory = LeanWebSocketFactory
@@ -174,7 +197,8 @@ class LeanServer(Server):
     def create_application(self, protocol: Any, scope: dict[str, Any]) -> ApplicationInbox | None:
         # Daphne's own create_application, with ApplicationInbox in place of asyncio.Queue.
         assert "application_instance" not in self.connections[protocol]
-        inbox = ApplicationInbox()
+        transport = getattr(protocol, "transport", None) if scope.get("type") == "websocket" else None
+        inbox = ApplicationInbox(transport, CONFIG.inbox_frames)
         scope.setdefault("asgi", {"version": "3.0"})
         instance = self.application(scope=scope, receive=inbox.get, send=partial(self.handle_reply, protocol))
         if protocol not in self.connections:
@@ -196,6 +220,9 @@ class LeanCommandLineInterface(CommandLineInterface):
 
 
 def main() -> None:
+    from chat import admin
+
+    admin.enable()
     LeanCommandLineInterface().run(sys.argv[1:])
 
 

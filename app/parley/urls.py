@@ -15,8 +15,4 @@ urlpatterns = [
     path("api/rooms/<int:room_id>/members", views.members),
     path("api/rooms/<int:room_id>/messages", views.messages),
     path("api/dms", views.dms),
-    path("healthz", views.healthz),
-    path("readyz", views.readyz),
-    path("metrics", views.metrics_view),
-    path("internal/drain", views.drain),
 ]

@@ -78,7 +78,7 @@ class Command(BaseCommand):
                     if hello.get("type") != "hello":
                         raise CommandError(f"expected hello, got {hello}")
                     return ws
-                except (OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, OSError) as exc:
                     last = exc
                     await asyncio.sleep(2)
                 except Exception as exc:  # handshake refused (e.g. 400/403: Host not allowed)
