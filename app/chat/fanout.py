@@ -13,32 +13,41 @@ Wire format of a published payload: `<seq>\n<frame JSON>`, `<seq>` empty for eph
 (typing, presence, read) that have no place in the room's sequence.
 
 Replies to one socket (acks and errors from workers) travel the same way, on the process's own
-topic `parley:process:<process id>` with payload `<connection key>\n<frame JSON>`: a socket needs
+topic `<prefix>:process:<process id>` with payload `<connection key>\n<frame JSON>`: a socket needs
 no channel-layer channel of its own (no receive task, no queue), which halves its memory.
+
+Every process also listens on the platform's control topic (`<prefix>:control`, `chat.control`):
+JSON commands such as "close this user's sockets" after a revocation. Topic names live in
+`chat.keys`.
+
+Redis is a transport, not an authority: a payload that is not what Parley writes (a foreign
+publisher, a bug) is logged and dropped; it never stops the reader or forces a resubscribe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from redis.asyncio.connection import Connection, parse_url
 from redis.exceptions import RedisError
 
-from chat import metrics
+from chat import keys, metrics
 from chat.process import process_id, raise_if_cancelling
-from chat.redis_pool import client_for, shard_urls
+from chat.redis_pool import client_for, redact, shard_urls
 from parley.sharding import shard_index
 
 log = logging.getLogger(__name__)
 
-TOPIC_PREFIX = "parley:room:"
 SUBSCRIBE_TIMEOUT = 5.0
+# A flood of malformed payloads must not flood the log: one line per this many seconds.
+BAD_PAYLOAD_LOG_EVERY = 10.0
 PING_EVERY = 10.0
 DEAD_AFTER = 30.0
 
@@ -53,8 +62,7 @@ class Member(Protocol):
     def push_text(self, text: str) -> None: ...
 
 
-def process_topic(pid: str) -> str:
-    return f"parley:process:{pid}"
+process_topic = keys.process_topic
 
 
 def reply_address(pid: str, key: int) -> str:
@@ -71,8 +79,7 @@ async def publish_replies(replies: Iterable[tuple[str, str]]) -> None:
     await _publish_by_shard(messages)
 
 
-def topic(room: int) -> str:
-    return f"{TOPIC_PREFIX}{room}"
+topic = keys.room_topic
 
 
 def encode(seq: int | None, frame_json: str) -> str:
@@ -108,6 +115,7 @@ class ShardSubscriber:
 
     def __init__(self, url: str, bus: RoomBus) -> None:
         self.url = url
+        self.name = redact(url)  # for logs and errors: never a password
         self.bus = bus
         self.topics: set[str] = set()
         self.connection: Connection | None = None
@@ -122,7 +130,8 @@ class ShardSubscriber:
         try:
             await asyncio.wait_for(self.connected.wait(), SUBSCRIBE_TIMEOUT)
         except TimeoutError:
-            raise BusUnavailable(f"Redis shard {self.url} unreachable") from None
+            self.topics.discard(name)
+            raise BusUnavailable(f"Redis shard {self.name} unreachable") from None
         confirmed = asyncio.get_running_loop().create_future()
         self.waiting.setdefault(name, []).append(confirmed)
         try:
@@ -131,7 +140,9 @@ class ShardSubscriber:
             # Only the server's confirmation means later PUBLISHes will reach us.
             await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT)
         except (RedisError, OSError, TimeoutError, AssertionError) as exc:
-            raise BusUnavailable(f"could not subscribe on {self.url}: {exc}") from None
+            # Not subscribed: a reconnect must not re-subscribe it for nobody.
+            self.topics.discard(name)
+            raise BusUnavailable(f"could not subscribe on {self.name}: {type(exc).__name__}") from None
         finally:
             waiters = self.waiting.get(name, [])
             if confirmed in waiters:
@@ -153,9 +164,9 @@ class ShardSubscriber:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError) as exc:
-                log.warning("room bus lost shard %s: %s", self.url, exc)
+                log.warning("room bus lost shard %s: %s", self.name, type(exc).__name__)
             except Exception:
-                log.exception("room bus reader for %s crashed; restarting", self.url)
+                log.exception("room bus reader for %s crashed; restarting", self.name)
             raise_if_cancelling()
             self.connected.clear()
             if self.connection is not None:
@@ -177,7 +188,7 @@ class ShardSubscriber:
         # the reader would go on to subscribe and read forever, and loop shutdown would hang.
         raise_if_cancelling()
         self.last_seen = time.monotonic()
-        topics = [self.bus.control_topic, *self.topics]
+        topics = [self.bus.control_topic, self.bus.broadcast_topic, *self.topics]
         await connection.send_command("SUBSCRIBE", *topics)
         raise_if_cancelling()
         self.connects += 1
@@ -197,7 +208,10 @@ class ShardSubscriber:
     def _handle(self, response: list) -> None:
         kind = response[0]
         if kind == b"message":
-            self.bus.dispatch(response[1], response[2])
+            try:
+                self.bus.dispatch(response[1], response[2])
+            except Exception as exc:  # a payload Parley did not write: drop it, keep reading
+                self.bus.bad_payload(response[1], exc)
         elif kind == b"subscribe":
             for future in self.waiting.pop(response[1].decode(), []):
                 if not future.done():
@@ -208,7 +222,7 @@ class ShardSubscriber:
         while True:
             await asyncio.sleep(PING_EVERY)
             if time.monotonic() - self.last_seen > DEAD_AFTER:
-                log.warning("room bus shard %s silent for %.0fs; reconnecting", self.url, DEAD_AFTER)
+                log.warning("room bus shard %s silent for %.0fs; reconnecting", self.name, DEAD_AFTER)
                 await connection.disconnect()
                 return
             await connection.send_command("PING")
@@ -225,6 +239,12 @@ class RoomBus:
     def __init__(self, process_id: str) -> None:
         self.control_topic = process_topic(process_id)
         self._control = self.control_topic.encode()
+        self.broadcast_topic = keys.control_topic()
+        self._broadcast = self.broadcast_topic.encode()
+        # Set by the protocol process: handles the platform-wide control commands.
+        self.on_control: Callable[[dict], None] | None = None
+        self._bad_logged = 0.0
+        self.bad_payloads = 0
         self.members: dict[int, set[Member]] = {}
         self.connections: dict[int, Member] = {}
         self.shards: list[ShardSubscriber] = []
@@ -270,8 +290,18 @@ class RoomBus:
                 return
             del self.members[room]
             self._locks.pop(room, None)
+            self._topic_rooms.pop(topic(room).encode(), None)
             metrics.SUBSCRIBED_ROOMS.set(len(self.members))
             await self._shard(topic(room)).unsubscribe(topic(room))
+
+    def bad_payload(self, channel: bytes, exc: BaseException) -> None:
+        self.bad_payloads += 1
+        metrics.BAD_PAYLOADS.inc()
+        now = time.monotonic()
+        if now - self._bad_logged >= BAD_PAYLOAD_LOG_EVERY:
+            self._bad_logged = now
+            log.warning("dropped malformed pub/sub payload on %r (%s; %d so far)",
+                        channel[:80], type(exc).__name__, self.bad_payloads)
 
     def dispatch(self, channel: bytes, data: bytes) -> None:
         if channel == self._control:
@@ -280,16 +310,28 @@ class RoomBus:
             if connection is not None:
                 connection.push_text(body.decode())
             return
+        if channel == self._broadcast:
+            command = json.loads(data)
+            if not isinstance(command, dict):
+                raise ValueError("control command is not an object")
+            if self.on_control is not None:
+                self.on_control(command)
+            return
         room = self._topic_rooms.get(channel)
         if room is None:
-            if not channel.startswith(TOPIC_PREFIX.encode()):
+            room = keys.room_of_topic(channel)
+            if room is None or room not in self.members:
                 return
-            room = self._topic_rooms[channel] = int(channel[len(TOPIC_PREFIX):])
+            self._topic_rooms[channel] = room
         members = self.members.get(room)
         if not members:
             return
         head, _, body = data.partition(b"\n")
         seq = int(head) if head else None
+        if seq is not None and seq < 1:
+            raise ValueError(f"seq {seq} out of range")
+        if not (body.startswith(b"{") and body.endswith(b"}")):
+            raise ValueError("frame is not a JSON object")
         # Decode once per process; every member gets the same str object.
         text = body.decode()
         metrics.FANOUT_IN.inc()
@@ -298,10 +340,11 @@ class RoomBus:
 
     def reset_rooms(self, topics: Iterable[str]) -> None:
         for name in topics:
-            if not name.startswith(TOPIC_PREFIX):
+            room = keys.room_of_topic(name)
+            if room is None:
                 continue
-            for member in tuple(self.members.get(int(name[len(TOPIC_PREFIX):]), ())):
-                member.resync(int(name[len(TOPIC_PREFIX):]))
+            for member in tuple(self.members.get(room, ())):
+                member.resync(room)
 
     async def close(self) -> None:
         for shard in self.shards:

@@ -27,3 +27,7 @@ BATCH_SIZE = Histogram(
     "parley_persist_batch_size", "Messages stored per batch", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500)
 )
 QUEUE_DEPTH = Gauge("parley_channel_queue_depth", "Messages waiting in a worker channel", ["channel"])
+BAD_PAYLOADS = Counter("parley_bad_payloads_total", "Pub/sub payloads dropped as malformed (not written by Parley)")
+SEND_FAILURES = Counter(
+    "parley_send_failures_total", "Frames the server failed to write to an open socket (closed 4011)"
+)

@@ -2,7 +2,7 @@
 
 Each protocol process counts its local (room, user) connections. The first local connection of a
 user in a room publishes `presence online`, the last one `offline`. The room's online set is a
-Redis sorted set `parley:presence:<room>` scored by expiry time; each process refreshes its
+Redis sorted set `<prefix>:presence:<room>` (`chat.keys`) scored by expiry time; each process refreshes its
 local entries with its heartbeat, so a crashed process's users fall out after the TTL.
 """
 
@@ -11,17 +11,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from chat.keys import presence_key, room_topic
 from chat.redis_pool import client_for
 from parley.config import CONFIG
 
 
-def presence_key(room: int) -> str:
-    # Keep presence on the room's shard (same hash input as the room topic).
-    return f"parley:presence:{room}"
-
-
 def _shard_key(room: int) -> str:
-    return f"parley:room:{room}"
+    # Keep presence on the room's shard (same hash input as the room topic).
+    return room_topic(room)
 
 
 def _member(user: int, username: str) -> str:
@@ -32,19 +29,31 @@ def _member(user: int, username: str) -> str:
 class PresenceBook:
     def __init__(self) -> None:
         self.local: Counter[tuple[int, int]] = Counter()
+        # Usernames of users with at least one local (room, user) entry, freed with the last one:
+        # a long-lived process must not keep every user it ever saw.
         self.names: dict[int, str] = {}
+        self._entries: Counter[int] = Counter()
 
     def arrive(self, room: int, user: int, username: str) -> bool:
         """Count a connection in; True when it is the user's first here."""
-        self.names[user] = username
         self.local[(room, user)] += 1
-        return self.local[(room, user)] == 1
+        first = self.local[(room, user)] == 1
+        if first:
+            self.names[user] = username
+            self._entries[user] += 1
+        return first
 
     def depart(self, room: int, user: int) -> bool:
         """Count a connection out; True when it was the user's last here."""
+        if self.local.get((room, user), 0) <= 0:
+            return False
         self.local[(room, user)] -= 1
         if self.local[(room, user)] <= 0:
             del self.local[(room, user)]
+            self._entries[user] -= 1
+            if self._entries[user] <= 0:
+                del self._entries[user]
+                self.names.pop(user, None)
             return True
         return False
 
@@ -66,8 +75,9 @@ class PresenceBook:
         members = await client.zrangebyscore(presence_key(room), time.time(), "+inf")
         users = []
         for member in members:
-            user_id, _, username = member.decode().partition(":")
-            users.append({"id": int(user_id), "username": username})
+            user_id, _, username = member.decode(errors="replace").partition(":")
+            if user_id.isdigit():  # anything else was not written by Parley: skip it
+                users.append({"id": int(user_id), "username": username})
         return sorted(users, key=lambda u: u["id"])
 
     async def beat(self) -> None:

@@ -1,7 +1,7 @@
 """Who this process is, which connections it holds, whether it is draining, and its heartbeat.
 
 The heartbeat is the operator's view of load without scraping pods: every few seconds each
-process writes `parley:proc:<process_id>` (a hash with a short TTL) to Redis.
+process writes `<prefix>:proc:<process_id>` (`chat.keys`) (a hash with a short TTL) to Redis.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import random
+import signal
 import socket
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Protocol
 
 from redis.exceptions import RedisError
 
+from chat import keys
 from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
@@ -38,22 +40,55 @@ def raise_if_cancelling() -> None:
 
 
 def heartbeat_key(pid: str | None = None) -> str:
-    return f"parley:proc:{pid or _PROCESS_ID}"
+    return keys.heartbeat_key(pid or _PROCESS_ID)
+
+
+# A drained process exits this long after its drain window closed: time for the preStop hook to
+# return and the kubelet's SIGTERM to arrive first in the normal case; in any other case (a drain
+# nobody followed with a stop) the container restarts instead of staying drained for ever.
+DRAIN_EXIT_MARGIN_SECONDS = 5.0
 
 
 class Connection(Protocol):
+    user_id: int
+
     def start_drain(self, delay_ms: int) -> None: ...
     def backlog(self) -> int: ...
+    def close_for(self, code: int, error: str | None = None) -> None: ...
 
 
 class ProcessState:
-    """Connections held by this process (per event loop) and its drain flag."""
+    """Connections held by this process (per event loop), per user, and its drain flag."""
 
     def __init__(self) -> None:
         # A plain set: consumers remove themselves on disconnect (a WeakSet costs a weakref each).
         self.connections: set[Connection] = set()
+        # Sockets per user: the per-user cap, and closing a user's sockets on revocation.
+        self.by_user: dict[int, set[Connection]] = {}
         self.draining = False
         self.drain_started: float | None = None
+
+    def add(self, conn: Connection, user_id: int) -> bool:
+        """Count a socket in; False (and nothing counted) when its user is at the cap."""
+        mine = self.by_user.get(user_id)
+        if mine is not None and len(mine) >= CONFIG.max_sockets_per_user:
+            return False
+        if mine is None:
+            mine = self.by_user[user_id] = set()
+        mine.add(conn)
+        self.connections.add(conn)
+        return True
+
+    def remove(self, conn: Connection, user_id: int) -> None:
+        self.connections.discard(conn)
+        mine = self.by_user.get(user_id)
+        if mine is not None:
+            mine.discard(conn)
+            if not mine:
+                del self.by_user[user_id]
+
+    def of_user(self, user_id: int) -> list[Connection]:
+        return list(self.by_user.get(user_id, ()))
 
     def drain(self) -> int:
         """Stop accepting and ask every client to reconnect elsewhere after a jittered delay."""
@@ -64,6 +99,23 @@ class ProcessState:
         for conn in list(self.connections):
             conn.start_drain(random.randint(0, CONFIG.reconnect_jitter_ms))
         return len(self.connections)
+
+    def drain_overdue(self, now: float | None = None) -> bool:
+        """Whether the drain window has passed: the process should be gone by now (not live)."""
+        if self.drain_started is None:
+            return False
+        return (now or time.time()) - self.drain_started > CONFIG.drain_seconds
+
+
+def schedule_exit_after_drain() -> None:
+    """Called by the admin listener of a server process (never in-process tests)."""
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        log.warning("drain window over and no stop came; exiting so the pod restarts undrained")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    loop.call_later(CONFIG.drain_seconds + DRAIN_EXIT_MARGIN_SECONDS, stop)
 
 
 STATE = ProcessState()

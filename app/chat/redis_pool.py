@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from urllib.parse import urlsplit, urlunsplit
 
 from redis import asyncio as aioredis
 
@@ -13,6 +14,18 @@ from parley.sharding import shard_index
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[aioredis.Redis]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def redact(url: str) -> str:
+    """A Redis URL fit for logs and errors: the password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def shard_urls() -> list[str]:
