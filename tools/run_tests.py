@@ -53,6 +53,7 @@ def main() -> int:
     # Test threads must not keep connections open: the test database is dropped at the end.
     env.setdefault("PARLEY_DB_CONN_MAX_AGE", "0")
     env.setdefault("PARLEY_METRICS_PORT", "0")
+    env.setdefault("PARLEY_DEV", "1")
     print(f"database: {env['DATABASE_URL']}  redis: {env['REDIS_URLS']}", flush=True)
     try:
         code = subprocess.call([sys.executable, "-m", "pytest", *sys.argv[1:]], env=env, cwd=REPO)

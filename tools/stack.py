@@ -23,7 +23,8 @@ PARLEY = str(REPO / "bin" / "parley")
 
 class Stack:
     def __init__(self, env: dict[str, str] | None = None, log_dir: Path | None = None) -> None:
-        self.env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+        # A local stack (make run, the tests, the benchmark) may use the development SECRET_KEY.
+        self.env = {"PARLEY_DEV": "1", **os.environ, "PYTHON": sys.executable, **(env or {})}
         self.processes: list[subprocess.Popen[bytes]] = []
         self.redis: list[EmbeddedRedis] = []
         self.log_dir = log_dir

@@ -10,6 +10,11 @@ to write: an idle socket costs little more than the server's own protocol object
 Every room cursor guarantees in-order, gap-free delivery: a message whose seq is not the next
 one (lost pub/sub message, out-of-order publish by two workers, Redis reconnect) triggers a
 catch-up from the database, during which live frames for that room are held back.
+
+Nothing of a room reaches a socket before its `joined`: membership is checked before the
+subscription, and ephemeral frames (typing, read, presence) that arrive before `joined` are
+dropped. What one socket can cost is bounded (docs/security.md): bytes and frames queued for
+writing, rooms per connection, concurrent catch-ups, typing and read fan-out per room.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from channels.layers import get_channel_layer
 from redis.exceptions import RedisError
 
 from chat import fanout, metrics, services
+from chat.control_receiver import handle_control
 from chat.presence import PRESENCE
 from chat.process import STATE, ensure_heartbeat, process_id
 from chat.protocol import CloseCode, ErrorCode, ProtocolError, dumps, error_frame, parse
@@ -50,6 +56,11 @@ class Cursor:
     last_seq: int = 0
     filling: bool = True  # live frames wait in `pending` until the database catch-up is done
     pending: list[tuple[int, str]] = field(default_factory=list)
+    # False until `joined` went out: ephemeral frames of the room are dropped until then.
+    open: bool = False
+    # When this connection last fanned out `typing` / `read` in the room (monotonic seconds).
+    typed_at: float = -1e9
+    read_at: float = -1e9
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -60,6 +71,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
     channel_layer = None
     # Background catch-ups of this connection; created with the first one.
     tasks: set[asyncio.Task[Any]] | None = None
+    # Set once the socket was accepted for an authenticated user with room under the caps.
+    admitted = False
+    closing = False
+    token_hash: str | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Channels' loop, for a consumer with one event source (the socket, no layer channel).
@@ -83,14 +98,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     # --- connection lifecycle ------------------------------------------------------------------
 
+    async def _refuse(self, code: int, error: ErrorCode, message: str, **extra: Any) -> None:
+        """Accept, say why in an error frame, close with a documented code: a client can tell
+        'log in again' or 'too many sockets' from a network failure."""
+        self.closing = True
+        await self.accept()
+        await self.send(text_data=dumps(error_frame(error, message, **extra)))
+        await self.close(code=code)
+
     async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
-            await self.accept()
-            await self.send(text_data=dumps(error_frame(ErrorCode.FORBIDDEN, "authentication required")))
-            await self.close(code=CloseCode.UNAUTHENTICATED)
+            await self._refuse(CloseCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN, "authentication required")
             return
         if STATE.draining:
+            self.closing = True
             await self.accept()
             # Jittered like the drain itself, so refused clients do not come straight back.
             delay = random.randint(CONFIG.reconnect_jitter_ms // 2, CONFIG.reconnect_jitter_ms)
@@ -99,18 +121,28 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.user_id: int = user.pk
         self.username: str = user.get_username()
+        self.token_hash = getattr(user, "token_hash", None)
+        if not STATE.add(self, self.user_id):
+            await self._refuse(
+                CloseCode.TOO_MANY_SOCKETS, ErrorCode.RATE_LIMITED,
+                f"at most {CONFIG.max_sockets_per_user} sockets per user on one server; close one",
+            )
+            return
+        self.admitted = True
         self.rooms = {}
         self.bucket = TokenBucket(CONFIG.rate_per_second, CONFIG.rate_burst)
         # Created when there is something to write, dropped when written: idle sockets hold none.
         self.outbox: deque[str | int] | None = None
+        self.outbox_chars = 0
         self.writer: asyncio.Task[None] | None = None
-        self.closing = False
+        self.catchup_slots: asyncio.Semaphore | None = None
         self.key = next(_connection_keys)
         self.bus = fanout.get_bus()
+        if self.bus.on_control is None:
+            self.bus.on_control = handle_control
         self.bus.register(self.key, self)
         ensure_heartbeat("protocol", PRESENCE)
         await self.accept()
-        STATE.connections.add(self)
         metrics.CONNECTIONS.inc()
         self.push(
             {
@@ -121,14 +153,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     "rate_per_second": CONFIG.rate_per_second,
                     "rate_burst": CONFIG.rate_burst,
                     "resume_max": CONFIG.resume_max,
+                    "max_rooms": CONFIG.max_rooms_per_connection,
                 },
             }
         )
 
     async def disconnect(self, code: int) -> None:
-        if not hasattr(self, "rooms"):
+        if not self.admitted:
             return
-        STATE.connections.discard(self)
+        self.admitted = False
+        self.closing = True
+        STATE.remove(self, self.user_id)
         metrics.CONNECTIONS.dec()
         self.bus.unregister(self.key)
         if self.writer is not None:
@@ -139,7 +174,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             try:
                 await self._detach(room)
             except (RedisError, OSError) as exc:
-                log.warning("could not detach from room %s on disconnect: %s", room, exc)
+                log.warning("could not detach from room %s on disconnect: %s", room, type(exc).__name__)
 
     # --- writing: one bounded queue per connection, a writer task only while it is not empty --
 
@@ -149,14 +184,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
     def push_text(self, text: str) -> None:
         if self.closing:
             return
+        if len(text) * 3 > CONFIG.max_frame_bytes and len(text.encode()) > CONFIG.max_frame_bytes:
+            # Every frame Parley builds is bounded below this (history pages are split): one
+            # that is not is a bug, and the servers would refuse it anyway. Say so, keep going.
+            log.error("refusing to write a %d-character frame to connection %s", len(text), self.key)
+            self.push_error(ErrorCode.INTERNAL, "a reply was too large to send")
+            return
         if self.outbox is None:
             self.outbox = deque()
-        elif len(self.outbox) >= CONFIG.send_buffer_frames:
+            self.outbox_chars = 0
+        elif len(self.outbox) >= CONFIG.send_buffer_frames or self.outbox_chars + len(text) > CONFIG.send_buffer_bytes:
             # It will `resume` on reconnect; holding more for it would slow everyone else.
             metrics.SLOW_CLOSES.inc()
             self._close_soon(CloseCode.TOO_SLOW, flush=False)
             return
         self.outbox.append(text)
+        self.outbox_chars += len(text)
         self._wake_writer()
 
     def push_error(self, code: ErrorCode, message: str, ref: str | None = None, **extra: Any) -> None:
@@ -166,12 +209,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
     def backlog(self) -> int:
         return len(self.outbox) if self.outbox else 0
 
+    def close_for(self, code: int, error: str | None = None) -> None:
+        """Close from outside the socket's own frames (revocation): the error frame, then close."""
+        if error is not None:
+            self.push_error(ErrorCode.FORBIDDEN, error)
+        self._close_soon(code, flush=True)
+
     def _close_soon(self, code: int, flush: bool) -> None:
         if self.closing:
             return
         self.closing = True
         if self.outbox is None or not flush:
             self.outbox = deque()
+            self.outbox_chars = 0
             if self.writer is not None:
                 # It may be waiting on a client that stopped reading: the close must not queue
                 # behind it. The frame it was sending is already written (or never will be).
@@ -193,21 +243,36 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     self.outbox = None
                     await self.close(code=item)
                     return
+                self.outbox_chars -= len(item)
                 try:
                     # base_send directly: Channels' send() wraps it in two more coroutines per frame.
                     await self.base_send({"type": "websocket.send", "text": item})
                 except Exception as exc:
-                    # The socket closed under the writer (the disconnect event is on its way):
-                    # the rest cannot be delivered here, the client resumes from its last seq.
-                    log.debug("connection %s closed while writing: %r", self.key, exc)
-                    self.closing = True
-                    self.outbox = None
+                    await self._write_failed(exc)
                     return
                 metrics.DELIVERIES.inc()
             self.outbox = None
         finally:
             if self.writer is me:
                 self.writer = None
+
+    async def _write_failed(self, exc: Exception) -> None:
+        """A frame could not be written. If the client is gone, its disconnect is on its way; if
+        not, the socket must not stay open delivering nothing: close it with 4011 so that the
+        client reconnects and resumes from its last seq."""
+        self.outbox = None
+        gone = self.closing or "Disconnect" in type(exc).__name__ or "Closed" in type(exc).__name__
+        self.closing = True
+        if gone:
+            log.debug("connection %s closed while writing: %r", self.key, exc)
+            return
+        metrics.SEND_FAILURES.inc()
+        log.warning("writing to connection %s failed (%s: %s); closing with %d",
+                    self.key, type(exc).__name__, str(exc)[:200], CloseCode.SEND_FAILED)
+        try:
+            await self.close(code=CloseCode.SEND_FAILED)
+        except Exception as close_exc:
+            log.debug("close after a failed write failed too: %r", close_exc)
 
     def start_drain(self, delay_ms: int) -> None:
         self.push({"type": "reconnect", "delay_ms": delay_ms, "reason": "draining"})
@@ -220,7 +285,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if cursor is None:
             return
         if seq is None:
-            self.push_text(text)
+            if cursor.open:
+                self.push_text(text)
             return
         if cursor.filling:
             cursor.pending.append((seq, text))
@@ -240,43 +306,56 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self._start_fill(room, announce=False)
 
     def _start_fill(self, room: int, announce: bool) -> None:
-        cursor = self.rooms[room]
-        cursor.filling = True
-        task = asyncio.get_running_loop().create_task(self._fill(room, cursor, announce))
+        self.rooms[room].filling = True
+        self._spawn(self._fill({room: self.rooms[room]}, announce))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         if self.tasks is None:
             self.tasks = set()
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _fill(self, room: int, cursor: Cursor, announce: bool) -> None:
-        """Deliver what the database has after the cursor, then the held-back live frames."""
-        metrics.CATCHUPS.inc()
+    async def _fill(self, cursors: dict[int, Cursor], announce: bool) -> None:
+        """Deliver what the database has after each cursor, then the held-back live frames.
+
+        One query for all the rooms given (a `resume` of 500 rooms is one catch-up, not 500),
+        and at most `PARLEY_CATCHUPS_PER_CONNECTION` of them at once per connection.
+        """
         limit = CONFIG.resume_max
-        try:
-            frames = await database_sync_to_async(services.messages_after)(room, cursor.last_seq, limit + 1)
-            latest = None
-            if len(frames) > limit:
-                latest = (await database_sync_to_async(services.last_seqs)([room])).get(room, 0)
-        except Exception:
-            log.exception("catch-up of room %s failed", room)
-            if self.rooms.get(room) is cursor:
-                self.push_error(ErrorCode.UNAVAILABLE, "could not load missed messages; send resume", room=room)
-                cursor.filling = False
-            return
-        if self.rooms.get(room) is not cursor:
-            return
-        if latest is not None:
-            # Too far behind to replay: the client reloads history instead.
-            cursor.last_seq = latest
-            cursor.pending = [(s, t) for s, t in cursor.pending if s > latest]
-            self.push({"type": "reload", "room": room, "last_seq": latest})
-        else:
-            for frame in frames:
-                cursor.last_seq = frame["seq"]
-                self.push_text(dumps(frame))
-            if announce:
-                self.push({"type": "resumed", "room": room, "last_seq": cursor.last_seq})
-        self._release(room, cursor)
+        if self.catchup_slots is None:
+            self.catchup_slots = asyncio.Semaphore(CONFIG.catchups_per_connection)
+        async with self.catchup_slots:
+            metrics.CATCHUPS.inc()
+            after = {room: cursor.last_seq for room, cursor in cursors.items() if self.rooms.get(room) is cursor}
+            try:
+                found = await database_sync_to_async(services.messages_after_many)(after, limit + 1)
+                behind = [room for room, frames in found.items() if len(frames) > limit]
+                latest = await database_sync_to_async(services.last_seqs)(behind) if behind else {}
+            except Exception:
+                log.exception("catch-up of %d rooms failed", len(after))
+                for room, cursor in cursors.items():
+                    if self.rooms.get(room) is cursor:
+                        self.push_error(ErrorCode.UNAVAILABLE, "could not load missed messages; send resume", room=room)
+                        cursor.filling = False
+                return
+        for room, frames in found.items():
+            cursor = cursors[room]
+            if self.rooms.get(room) is not cursor:
+                continue
+            if room in latest:
+                # Too far behind to replay: the client reloads history instead.
+                cursor.last_seq = latest[room]
+                cursor.pending = [(s, t) for s, t in cursor.pending if s > cursor.last_seq]
+                self.push({"type": "reload", "room": room, "last_seq": cursor.last_seq})
+            else:
+                for frame in frames:
+                    if frame["seq"] > cursor.last_seq:
+                        cursor.last_seq = frame["seq"]
+                        self.push_text(dumps(frame))
+                if announce:
+                    self.push({"type": "resumed", "room": room, "last_seq": cursor.last_seq})
+            self._release(room, cursor)
 
     def _release(self, room: int, cursor: Cursor) -> None:
         cursor.filling = False
@@ -287,32 +366,52 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     # --- attaching to rooms ---------------------------------------------------------------------
 
-    async def _attach(self, room: int, from_seq: int | None) -> dict[str, Any]:
-        """Subscribe first, then read the room: nothing committed in between can be missed."""
-        if room in self.rooms:
-            info = await database_sync_to_async(services.join_room)(self.user_id, room)
-            cursor = self.rooms[room]
-            if from_seq is not None and not cursor.filling:
-                cursor.last_seq = min(from_seq, cursor.last_seq)
-                self._start_fill(room, announce=True)
-            return info
-        cursor = self.rooms[room] = Cursor()
-        try:
-            await self.bus.join(room, self)
-            info = await database_sync_to_async(services.join_room)(self.user_id, room)
-        except BaseException as exc:
-            self.rooms.pop(room, None)
-            await self.bus.leave(room, self)
-            if isinstance(exc, fanout.BusUnavailable):
-                raise ProtocolError(ErrorCode.UNAVAILABLE, "the room's message bus is unreachable") from exc
-            raise
-        if from_seq is None:
-            # Live frames wait until the caller has sent `joined`, then `_release` lets them out.
-            cursor.last_seq = info["last_seq"]
-        else:
-            # The caller starts the catch-up once it has sent `joined`.
-            cursor.last_seq = min(from_seq, info["last_seq"])
-        return info
+    async def _attach_many(self, wanted: dict[int, int | None], ref: str | None) -> dict[int, Cursor]:
+        """Join rooms not yet joined on this connection: membership first, then subscribe, then
+        read each room's last seq (after the subscription: nothing committed in between is
+        missed). Refusals are answered per room; returns the new cursors, `joined` sent."""
+        room_ids = list(wanted)
+        room_left = CONFIG.max_rooms_per_connection - len(self.rooms)
+        for room in room_ids[max(room_left, 0):]:
+            self.push_error(ErrorCode.TOO_MANY_ROOMS,
+                            f"at most {CONFIG.max_rooms_per_connection} rooms per connection; leave one first",
+                            ref, room=room)
+        room_ids = room_ids[:max(room_left, 0)]
+        if not room_ids:
+            return {}
+        answers = await database_sync_to_async(services.join_rooms)(self.user_id, room_ids)
+        allowed: dict[int, dict[str, Any]] = {}
+        for room, answer in answers.items():
+            if isinstance(answer, ProtocolError):
+                self.push_error(answer.code, answer.message, ref, room=room)
+            elif room not in self.rooms:  # joined meanwhile by a concurrent frame: keep that one
+                allowed[room] = answer
+        cursors: dict[int, Cursor] = {}
+        for room in allowed:
+            cursors[room] = self.rooms[room] = Cursor()
+        results = await asyncio.gather(*(self.bus.join(room, self) for room in cursors), return_exceptions=True)
+        for room, result in zip(list(cursors), results, strict=True):
+            if isinstance(result, BaseException):
+                self.rooms.pop(room, None)
+                del cursors[room]
+                await self.bus.leave(room, self)
+                if not isinstance(result, fanout.BusUnavailable | RedisError | OSError):
+                    raise result
+                self.push_error(ErrorCode.UNAVAILABLE, "the room's message bus is unreachable; retry", ref, room=room)
+        if not cursors:
+            return {}
+        latest = await database_sync_to_async(services.last_seqs)(list(cursors))
+        for room, cursor in list(cursors.items()):
+            if self.rooms.get(room) is not cursor:
+                del cursors[room]
+                continue
+            info = allowed[room]
+            info["last_seq"] = latest.get(room, info["last_seq"])
+            from_seq = wanted[room]
+            cursor.last_seq = info["last_seq"] if from_seq is None else min(from_seq, info["last_seq"])
+            await self._push_joined(room, info, ref)
+            cursor.open = True
+        return cursors
 
     async def _arrive(self, room: int) -> None:
         if PRESENCE.arrive(room, self.user_id, self.username):
@@ -326,6 +425,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await PRESENCE.mark_offline(room, self.user_id, self.username)
             await self._announce_presence(room, "offline")
 
+    def remove_from_room(self, room: int, reason: str) -> None:
+        """The user lost the membership (left over HTTP, removed by the room's creator)."""
+        if room not in self.rooms:
+            return
+        self.push({"type": "left", "room": room, "reason": reason, "ref": None})
+        self._spawn(self._detach(room))
+
     async def _announce_presence(self, room: int, status: str) -> None:
         if status == "online":
             await PRESENCE.mark_online(room, self.user_id, self.username)
@@ -337,14 +443,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     def _joined(self, room: int) -> Cursor:
         cursor = self.rooms.get(room)
-        if cursor is None:
+        if cursor is None or not cursor.open:
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join room {room} first")
         return cursor
 
     # --- client frames --------------------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        allowed = self.bucket.take()
+        if not self.admitted or self.closing:
+            return  # a refused or closing socket: frames still in flight have nobody to answer
+        allowed = self.bucket.take()  # every frame counts, invalid ones too
         ref: str | None = None
         try:
             if text_data is None:
@@ -358,7 +466,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except ProtocolError as exc:
             self.push_error(exc.code, exc.message, exc.ref or ref)
         except (RedisError, OSError) as exc:
-            log.warning("redis error handling a frame: %s", exc)
+            log.warning("redis error handling a frame: %s", type(exc).__name__)
             self.push_error(ErrorCode.UNAVAILABLE, "a backend is unreachable; retry shortly", ref)
         except Exception:
             log.exception("frame handling failed")
@@ -369,12 +477,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_join(self, frame: dict[str, Any], ref: str | None) -> None:
         room = frame["room"]
-        already = room in self.rooms
-        info = await self._attach(room, None)
-        await self._push_joined(room, info, ref)
-        cursor = self.rooms.get(room)
-        if cursor is not None and not already:
-            self._release(room, cursor)
+        if room in self.rooms:
+            # Joined already: answer again (membership re-checked), the cursor stays as it is.
+            answer = (await database_sync_to_async(services.join_rooms)(self.user_id, [room]))[room]
+            if isinstance(answer, ProtocolError):
+                raise ProtocolError(answer.code, answer.message, ref)
+            await self._push_joined(room, answer, ref)
+            return
+        cursors = await self._attach_many({room: None}, ref)
+        if room in cursors:
+            self._release(room, cursors[room])
             await self._arrive(room)
 
     async def _push_joined(self, room: int, info: dict[str, Any], ref: str | None) -> None:
@@ -388,18 +500,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.push({"type": "left", "room": frame["room"], "ref": ref})
 
     async def on_resume(self, frame: dict[str, Any], ref: str | None) -> None:
-        for key, last_seq in frame["rooms"].items():
-            room = int(key)
-            already = room in self.rooms
-            try:
-                info = await self._attach(room, last_seq)
-            except ProtocolError as exc:
-                self.push_error(exc.code, exc.message, ref, room=room)
-                continue
-            if not already:
-                # joined, then the missed messages, then resumed: a client can rebuild the room.
-                await self._push_joined(room, info, ref)
+        wanted = {int(key): last_seq for key, last_seq in frame["rooms"].items()}
+        again = {room: seq for room, seq in wanted.items() if room in self.rooms}
+        for room, seq in again.items():
+            cursor = self.rooms[room]
+            if not cursor.filling:
+                cursor.last_seq = min(seq, cursor.last_seq)
                 self._start_fill(room, announce=True)
+        new = {room: seq for room, seq in wanted.items() if room not in self.rooms}
+        cursors = await self._attach_many(new, ref)
+        if cursors:
+            # joined (sent), then the missed messages, then resumed: a client can rebuild each room.
+            self._spawn(self._fill(cursors, announce=True))
+            for room in cursors:
                 await self._arrive(room)
 
     async def on_send(self, frame: dict[str, Any], ref: str | None) -> None:
@@ -425,19 +538,29 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_typing(self, frame: dict[str, Any], ref: str | None) -> None:
         room = frame["room"]
-        self._joined(room)
+        cursor = self._joined(room)
+        now = time.monotonic()
+        if now - cursor.typed_at < CONFIG.typing_interval:
+            return  # the room already knows: typing is a state, not an event to repeat
+        cursor.typed_at = now
         await fanout.publish(room, None, dumps({"type": "typing", "room": room, "user": self._me()}))
 
     async def on_read(self, frame: dict[str, Any], ref: str | None) -> None:
         room = frame["room"]
-        self._joined(room)
+        cursor = self._joined(room)
         seq = await database_sync_to_async(services.mark_read)(self.user_id, room, frame["seq"])
+        now = time.monotonic()
+        if now - cursor.read_at < CONFIG.read_interval:
+            return  # stored; the next marker (or this one, moments ago) tells the room
+        cursor.read_at = now
         await fanout.publish(room, None, dumps({"type": "read", "room": room, "user": self._me(), "seq": seq}))
 
     async def on_history(self, frame: dict[str, Any], ref: str | None) -> None:
         room = frame["room"]
         limit = min(frame.get("limit", 50), CONFIG.history_max)
+        # Room for the envelope around the messages, so the whole frame stays under the bound.
+        budget = CONFIG.max_frame_bytes - 1024
         messages, has_more = await database_sync_to_async(services.history)(
-            self.user_id, room, frame.get("before_seq"), limit
+            self.user_id, room, frame.get("before_seq"), limit, budget
         )
         self.push({"type": "history", "room": room, "messages": messages, "has_more": has_more, "ref": ref})

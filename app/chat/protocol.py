@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
@@ -18,6 +19,9 @@ from jsonschema import Draft7Validator
 from parley.config import CONFIG
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "client_frames.json"
+# C0 controls and DEL, except tab and newline: invisible in every client, and NUL is refused by
+# PostgreSQL text columns (a DataError that would fail a whole batch of other users' messages).
+FORBIDDEN_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 CLIENT_TYPES = ("join", "leave", "send", "typing", "read", "history", "resume", "ping")
 
 
@@ -31,6 +35,8 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     FORBIDDEN = "forbidden"
     NOT_JOINED = "not_joined"
+    TOO_MANY_ROOMS = "too_many_rooms"
+    CONFLICT = "conflict"
     BUSY = "busy"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
@@ -39,11 +45,15 @@ class ErrorCode(StrEnum):
 class CloseCode:
     """WebSocket close codes Parley uses (4000-4999 are for applications)."""
 
-    UNAUTHENTICATED = 4001
+    UNAUTHENTICATED = 4001  # also: token revoked, user deactivated
     TOO_SLOW = 4008
+    TOO_MANY_SOCKETS = 4009
+    # A frame could not be written to an open socket: reconnect and resume (nothing is lost).
+    SEND_FAILED = 4011
     # Draining (the 4xxx twin of 1012 "service restart", which autobahn refuses to send):
     # reconnect after the `reconnect` frame's delay, then resume.
     SERVICE_RESTART = 4012
+    TOO_MANY_HANDSHAKES = 4029
 
 
 class ProtocolError(Exception):
@@ -91,9 +101,12 @@ def parse(text: str) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise ProtocolError(ErrorCode.BAD_JSON, "frame must be a JSON object")
-    ref = frame.get("ref") if isinstance(frame.get("ref"), str) else None
+    # Errors echo the ref: only a short, encodable one (a refused frame's ref is not validated).
+    ref = frame.get("ref")[:64] if isinstance(frame.get("ref"), str) else None
     if ref is None and isinstance(frame.get("client_msg_id"), str):
         ref = frame["client_msg_id"][:64]
+    if ref is not None and not _encodable(ref):
+        ref = None
     frame_type = frame.get("type")
     if frame_type not in CLIENT_TYPES:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {frame_type!r}", ref)
@@ -105,9 +118,34 @@ def parse(text: str) -> dict[str, Any]:
             raise ProtocolError(ErrorCode.INVALID_FRAME, fast_error.message, ref) from None
         where = "/".join(str(p) for p in error.absolute_path) or "frame"
         raise ProtocolError(ErrorCode.INVALID_FRAME, f"{where}: {error.message}", ref) from None
-    if frame_type == "send" and len(frame["body"].encode()) > CONFIG.max_body_bytes:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"body exceeds {CONFIG.max_body_bytes} bytes", ref)
+    if "\\u" in text and not _encodable(frame):
+        # A lone surrogate ("\\ud800") decodes to a str that cannot become UTF-8 again: it
+        # could be neither stored nor echoed back.
+        raise ProtocolError(ErrorCode.INVALID_FRAME, "strings must be valid Unicode (no lone surrogates)", None)
+    if frame_type == "send":
+        body = frame["body"]
+        if len(body.encode()) > CONFIG.max_body_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"body exceeds {CONFIG.max_body_bytes} bytes", ref)
+        if FORBIDDEN_CONTROLS.search(body):
+            raise ProtocolError(ErrorCode.INVALID_FRAME, "body: control characters other than tab and newline", ref)
     return frame
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(value: str, name: str) -> str:
+    """For HTTP string fields: the same rule as message bodies (see FORBIDDEN_CONTROLS)."""
+    if not _encodable(value):
+        raise ProtocolError(ErrorCode.INVALID_FRAME, f"`{name}` must be valid Unicode")
+    if FORBIDDEN_CONTROLS.search(value):
+        raise ProtocolError(ErrorCode.INVALID_FRAME, f"`{name}` contains control characters")
+    return value
 
 
 def dumps(frame: dict[str, Any]) -> str:

@@ -6,18 +6,23 @@ same rules: only members read or post; nobody joins a DM, a bot chat or a privat
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
+from django.db.models import F, Q, Window
+from django.db.models.functions import RowNumber
 
 from chat.models import Bot, Membership, Message, Room
 from chat.protocol import ErrorCode, ProtocolError
 
 User = get_user_model()
+log = logging.getLogger(__name__)
 
 
 def user_ref(user_id: int | None, username: str | None) -> dict[str, Any] | None:
@@ -78,6 +83,59 @@ def join_room(user_id: int, room_id: int) -> dict[str, Any]:
     data = room_dict(room, user_id)
     data["last_read_seq"] = membership.last_read_seq
     return data
+
+
+def join_rooms(user_id: int, room_ids: list[int]) -> dict[int, dict[str, Any] | ProtocolError]:
+    """`join_room` for many rooms in a fixed number of queries, whatever their count.
+
+    Rooms, the user's memberships and, for DMs and bot chats, the peer: three reads, and one
+    insert for the public groups the user is joining for the first time. The answer per room is
+    the room as the user sees it, or the ProtocolError that refuses it.
+    """
+    rooms = {room.pk: room for room in Room.objects.filter(pk__in=room_ids)}
+    memberships = {
+        m.room_id: m for m in Membership.objects.filter(user_id=user_id, room_id__in=list(rooms))
+    }
+    answers: dict[int, dict[str, Any] | ProtocolError] = {}
+    new_members = []
+    for room_id in room_ids:
+        room = rooms.get(room_id)
+        if room is None:
+            answers[room_id] = ProtocolError(ErrorCode.NOT_FOUND, f"room {room_id} does not exist")
+        elif room_id not in memberships and not (room.kind == Room.Kind.GROUP and not room.private):
+            answers[room_id] = ProtocolError(ErrorCode.FORBIDDEN, f"you are not a member of room {room_id}")
+        elif room_id not in memberships:
+            new_members.append(Membership(room=room, user_id=user_id))
+    if new_members:
+        # ignore_conflicts: a second socket of the same user may join at the same moment.
+        Membership.objects.bulk_create(new_members, ignore_conflicts=True)
+    pairs = [r for r in rooms.values() if r.kind in (Room.Kind.DM, Room.Kind.BOT) and r.pk in memberships]
+    peers: dict[int, tuple[int, str]] = {}
+    if pairs:
+        for room_id, peer_id, peer_name in (
+            Membership.objects.filter(room_id__in=[r.pk for r in pairs]).exclude(user_id=user_id)
+            .values_list("room_id", "user_id", "user__username")
+        ):
+            peers[room_id] = (peer_id, peer_name)
+    for room_id in room_ids:
+        if room_id in answers:
+            continue
+        room = rooms[room_id]
+        data: dict[str, Any] = {
+            "id": room.pk, "name": room.name, "kind": room.kind, "private": room.private,
+            "last_seq": room.last_seq,
+        }
+        if room_id in peers:
+            data["name"] = peers[room_id][1]
+            data["peer"] = user_ref(*peers[room_id])
+        membership = memberships.get(room_id)
+        data["last_read_seq"] = membership.last_read_seq if membership else 0
+        answers[room_id] = data
+    return answers
+
+
+def is_member(user_id: int, room_id: int) -> bool:
+    return Membership.objects.filter(room_id=room_id, user_id=user_id).exists()
 
 
 def leave_room(user_id: int, room_id: int) -> None:
@@ -194,19 +252,57 @@ def messages_after(room_id: int, after_seq: int, limit: int) -> list[dict[str, A
     return _frames(rows)
 
 
+def messages_after_many(after: dict[int, int], limit: int) -> dict[int, list[dict[str, Any]]]:
+    """For each room, its messages with seq > after[room], oldest first, at most `limit`: one
+    query for all rooms (a window function numbers each room's rows), not one per room."""
+    if not after:
+        return {}
+    condition = Q()
+    for room_id, seq in after.items():
+        condition |= Q(room_id=room_id, seq__gt=seq)
+    rows = (
+        Message.objects.filter(condition)
+        .annotate(position=Window(RowNumber(), partition_by=[F("room_id")], order_by=F("seq").asc()))
+        .filter(position__lte=limit)
+        .select_related("sender")
+        .order_by("room_id", "seq")
+    )
+    result: dict[int, list[dict[str, Any]]] = {room_id: [] for room_id in after}
+    for frame in _frames(rows):
+        result[frame["room"]].append(frame)
+    return result
+
+
 def last_seqs(room_ids: list[int]) -> dict[int, int]:
     return dict(Room.objects.filter(pk__in=room_ids).values_list("pk", "last_seq"))
 
 
-def history(user_id: int, room_id: int, before_seq: int | None, limit: int) -> tuple[list[dict], bool]:
-    """A page of history, oldest first, and whether older messages exist."""
+def history(
+    user_id: int, room_id: int, before_seq: int | None, limit: int, max_bytes: int | None = None
+) -> tuple[list[dict], bool]:
+    """A page of history, oldest first, and whether older messages exist.
+
+    With `max_bytes`, the page holds only the newest messages whose JSON fits in that many bytes
+    (at least one is always too many to fit only if a single message is: it is still sent), and
+    `has_more` says that older ones remain: the client asks again with `before_seq`.
+    """
     require_member(user_id, room_id)
     rows = Message.objects.filter(room_id=room_id).select_related("sender")
     if before_seq is not None:
         rows = rows.filter(seq__lt=before_seq)
     page = list(rows.order_by("-seq")[: limit + 1])
     has_more = len(page) > limit
-    return _frames(reversed(page[:limit])), has_more
+    frames = _frames(page[:limit])  # newest first
+    if max_bytes is not None:
+        used = 0
+        for count, frame in enumerate(frames):
+            # +1 for the comma between array items
+            used += len(json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()) + 1
+            if used > max_bytes and count > 0:
+                frames = frames[:count]
+                has_more = True
+                break
+    return list(reversed(frames)), has_more
 
 
 # --- storing messages ---------------------------------------------------------------------------
@@ -226,32 +322,59 @@ class Outcome:
     bot_job: dict[str, Any] | None = field(default=None)
 
 
+# The database itself is unreachable or broken: every message of the batch may succeed on a
+# retry, so the batch fails as a whole (senders get `unavailable` and re-send).
+TRANSIENT_ERRORS = (OperationalError, InterfaceError)
+
+
 def store_batch(items: list[dict[str, Any]]) -> list[Outcome]:
     """Store a batch of messages: dedupe retries, check membership, assign seqs, insert.
 
     One transaction for the whole batch (rooms locked in id order so concurrent workers cannot
-    deadlock). If a concurrent worker stored one of the same retries first, the batch falls back
-    to one transaction per message, so one conflict never costs the others.
+    deadlock). If anything about one item fails the batch (a concurrent worker stored the same
+    retry first, a value the database refuses, a malformed item), the batch is retried one
+    message per transaction: the item at fault gets a permanent error and the others are
+    stored. A poison message never costs another user anything.
     """
     try:
         with transaction.atomic():
             return _store(items)
-    except IntegrityError:
-        outcomes = []
-        for item in items:
-            try:
-                with transaction.atomic():
-                    outcomes.extend(_store([item]))
-            except IntegrityError:
-                outcomes.extend(_store_readonly_duplicate(item))
-        return outcomes
+    except TRANSIENT_ERRORS:
+        raise
+    except Exception as exc:
+        log.info("batch of %d failed (%s); storing its messages one by one", len(items), type(exc).__name__)
+    outcomes = []
+    for item in items:
+        try:
+            with transaction.atomic():
+                outcomes.extend(_store([item]))
+        except TRANSIENT_ERRORS:
+            raise
+        except IntegrityError:
+            outcomes.extend(_store_readonly_duplicate(item))
+        except Exception as exc:
+            log.warning("message %r of user %r refused by the database: %s",
+                        item.get("client_msg_id"), item.get("sender"), type(exc).__name__)
+            outcomes.append(Outcome(item, "error", code=ErrorCode.INVALID_FRAME,
+                                    message="the database refused this message; it will not be stored"))
+    return outcomes
 
 
 def _store_readonly_duplicate(item: dict[str, Any]) -> list[Outcome]:
     existing = Message.objects.filter(sender_id=item["sender"], client_msg_id=item["client_msg_id"]).first()
     if existing is None:
         return [Outcome(item, "error", code=ErrorCode.INTERNAL, message="could not store the message")]
+    if existing.room_id != item["room"]:
+        return [_conflict(item, existing.room_id)]
     return [Outcome(item, "duplicate", room=existing.room_id, seq=existing.seq)]
+
+
+def _conflict(item: dict[str, Any], stored_room: int) -> Outcome:
+    # Acking it as the message of another room would tell the sender a message was stored
+    # that never was; the id must be new per message (docs/protocol.md).
+    return Outcome(item, "error", code=ErrorCode.CONFLICT,
+                   message=f"client_msg_id {item['client_msg_id']!r} is already used by your message in "
+                           f"room {stored_room}; use a new id for a new message")
 
 
 def _reserve_seqs(room_id: int, count: int) -> tuple[int, str, int | None] | None:
@@ -285,8 +408,9 @@ def _store(items: list[dict[str, Any]]) -> list[Outcome]:
     }
     usernames: dict[int, str] = {}
     members: set[tuple[int, int]] = set()
+    # Members only, and only active users: a deactivated account's queued sends are refused.
     for room_id, user_id, username in Membership.objects.filter(
-        user_id__in=senders, room_id__in=room_ids
+        user_id__in=senders, room_id__in=room_ids, user__is_active=True
     ).values_list("room_id", "user_id", "user__username"):
         members.add((room_id, user_id))
         usernames[user_id] = username
@@ -296,12 +420,16 @@ def _store(items: list[dict[str, Any]]) -> list[Outcome]:
     refused: list[int] = []
     for index, item in enumerate(items):
         key = (item["sender"], item["client_msg_id"])
-        if key in existing:
+        if key in existing and existing[key].room_id != item["room"]:
+            outcomes[index] = _conflict(item, existing[key].room_id)
+        elif key in existing:
             found = existing[key]
             sender_name = found.sender.get_username() if found.sender else None
             outcomes[index] = Outcome(
                 item, "duplicate", room=found.room_id, seq=found.seq, frame=message_frame(found, sender_name)
             )
+        elif key in seen and items[seen[key]]["room"] != item["room"]:
+            outcomes[index] = _conflict(item, items[seen[key]]["room"])
         elif key in seen:
             outcomes[index] = Outcome(item, "duplicate")  # filled in once the first copy has a seq
         elif (item["room"], item["sender"]) not in members:

@@ -72,8 +72,36 @@ def _error(item: dict[str, Any], code: ErrorCode | None, message: str) -> tuple[
     return item["reply_to"], dumps(frame)
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def is_valid_item(item: Any) -> bool:
+    """Whether a `persist.message` has the shape protocol processes and the bot worker send.
+
+    Redis is a transport, not a trust boundary: whatever else lands on the channel (a foreign
+    writer, an old version's payload) is dropped with a log line instead of failing a batch.
+    """
+    return (
+        isinstance(item, dict)
+        and _positive_int(item.get("room"))
+        and _positive_int(item.get("sender"))
+        and isinstance(item.get("body"), str) and 0 < len(item["body"]) <= 65536
+        and item.get("kind", "text") in ("text", "bot")
+        and isinstance(item.get("client_msg_id"), str) and 0 < len(item["client_msg_id"]) <= 64
+        and (item.get("reply_to") is None or isinstance(item.get("reply_to"), str))
+    )
+
+
 async def store_and_deliver(items: list[dict[str, Any]]) -> None:
     layer = get_channel_layer()
+    valid = [item for item in items if is_valid_item(item)]
+    if len(valid) != len(items):
+        metrics.BAD_PAYLOADS.inc(len(items) - len(valid))
+        log.warning("dropped %d malformed persist.message payloads", len(items) - len(valid))
+        items = valid
+        if not items:
+            return
     try:
         outcomes = await database_sync_to_async(services.store_batch)(items)
     except Exception:

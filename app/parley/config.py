@@ -32,23 +32,36 @@ def _list(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
+DEV_SECRET_KEY = "insecure-dev-key-change-me-in-production"
+
+
 def _redis_urls() -> list[str]:
     # REDIS_URLS lists the shards; REDIS_URL is the single-server shorthand.
     urls = _list("REDIS_URLS", "") or _list("REDIS_URL", "redis://127.0.0.1:6379/0")
     return urls
 
 
+def default_admin_socket(port: int) -> str:
+    # Per port: several protocol processes of one machine (tests, `make run`) do not collide.
+    # /tmp is the emptyDir of a pod with a read-only root filesystem.
+    return os.path.join(os.environ.get("TMPDIR", "/tmp"), f"parley-admin-{port}.sock")
+
+
 @dataclass(frozen=True)
 class Config:
     debug: bool = field(default_factory=lambda: _bool("DEBUG", False))
-    secret_key: str = field(
-        default_factory=lambda: os.environ.get("SECRET_KEY", "insecure-dev-key-change-me-in-production")
-    )
+    secret_key: str = field(default_factory=lambda: os.environ.get("SECRET_KEY", DEV_SECRET_KEY))
+    # The local run (`make run`, the test runner) may sign with the built-in key; nothing else may:
+    # anyone who reads this file could forge session cookies and CSRF tokens.
+    dev: bool = field(default_factory=lambda: _bool("PARLEY_DEV", False))
     allowed_hosts: list[str] = field(
         default_factory=lambda: _list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
     )
     # Browser (cookie) WebSockets must come from one of these origins; token clients need none.
     allowed_origins: list[str] = field(default_factory=lambda: _list("PARLEY_ALLOWED_ORIGINS", ""))
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (the ingress controller's pod
+    # range). Empty: none, the TCP peer is the client. Any other peer could claim any address.
+    trusted_proxies: list[str] = field(default_factory=lambda: _list("PARLEY_TRUSTED_PROXIES", ""))
     database_url: str = field(
         default_factory=lambda: os.environ.get("DATABASE_URL", "sqlite:///var/parley.sqlite3")
     )
@@ -71,6 +84,30 @@ class Config:
     rate_burst: int = field(default_factory=lambda: _int("PARLEY_RATE_BURST", 40))
     # Frames a connection may have queued for writing before it is closed as too slow (4008).
     send_buffer_frames: int = field(default_factory=lambda: _int("PARLEY_SEND_BUFFER", 1000))
+    # ...and characters of text queued (frames differ 1,000-fold in size: a `history` page can be
+    # hundreds of KB). 4 MiB per socket: 100 stalled clients cost at most ~400 MB.
+    send_buffer_bytes: int = field(default_factory=lambda: _int("PARLEY_SEND_BUFFER_BYTES", 4 << 20))
+    # The largest frame the server writes. Daphne's and uvicorn's libraries refuse (or choke on)
+    # multi-MB frames; history pages are split below this and say so in `has_more`.
+    max_frame_bytes: int = field(default_factory=lambda: _int("PARLEY_MAX_FRAME_BYTES", 512 << 10))
+    # The largest client frame the servers read (close 1009 beyond). The protocol's own limit is
+    # a 4 KiB body escaped as \uXXXX (6x) plus the envelope, or a 500-room `resume` (~22 KB).
+    ws_max_bytes: int = field(default_factory=lambda: _int("PARLEY_WS_MAX_SIZE", 64 << 10))
+    # Client frames waiting for the consumer before the server stops reading the socket. A
+    # client's frames are handled one at a time; 64 is far above any honest burst (rate_burst).
+    inbox_frames: int = field(default_factory=lambda: _int("PARLEY_INBOX_FRAMES", 64))
+    # Sockets one user may hold on one protocol process (4009 beyond): a few devices and tabs.
+    max_sockets_per_user: int = field(default_factory=lambda: _int("PARLEY_MAX_SOCKETS_PER_USER", 20))
+    # Rooms one connection may be joined to (`too_many_rooms` beyond): as many as `resume` takes.
+    max_rooms_per_connection: int = field(default_factory=lambda: _int("PARLEY_MAX_ROOMS_PER_CONNECTION", 500))
+    # Database catch-ups one connection may run at once; the rest queue. Each holds the process's
+    # database thread for a query, so one socket must not take it away from everyone else.
+    catchups_per_connection: int = field(default_factory=lambda: _int("PARLEY_CATCHUPS_PER_CONNECTION", 2))
+    # `typing` frames are fanned out at most once per this many seconds per connection and room
+    # (a client types continuously; everyone else's sockets pay for each one).
+    typing_interval: float = field(default_factory=lambda: _float("PARLEY_TYPING_INTERVAL", 1.0))
+    # `read` markers likewise: one fan-out per room per connection per this many seconds.
+    read_interval: float = field(default_factory=lambda: _float("PARLEY_READ_INTERVAL", 0.5))
     # `resume` replays at most this many messages per room; beyond that the client must reload.
     resume_max: int = field(default_factory=lambda: _int("PARLEY_RESUME_MAX", 500))
     history_max: int = field(default_factory=lambda: _int("PARLEY_HISTORY_MAX", 200))
@@ -83,7 +120,14 @@ class Config:
     # The jittered reconnect delay told to clients when a protocol process drains.
     reconnect_jitter_ms: int = field(default_factory=lambda: _int("PARLEY_RECONNECT_JITTER_MS", 5000))
     port: int = field(default_factory=lambda: _int("PORT", 8000))
+    # Prometheus metrics of protocol and worker processes, on a port of their own (never the
+    # public listener). 0: off.
     metrics_port: int = field(default_factory=lambda: _int("PARLEY_METRICS_PORT", 9100))
+    # The protocol process's admin listener (drain, status): a Unix socket, so only processes of
+    # the same pod (the preStop hook) reach it, whatever a request through the ingress claims.
+    admin_socket: str = field(
+        default_factory=lambda: os.environ.get("PARLEY_ADMIN_SOCKET") or default_admin_socket(_int("PORT", 8000))
+    )
     pod_name: str = field(default_factory=lambda: os.environ.get("POD_NAME", socket.gethostname()))
     heartbeat_seconds: float = field(default_factory=lambda: _float("PARLEY_HEARTBEAT_SECONDS", 5.0))
     heartbeat_ttl: int = field(default_factory=lambda: _int("PARLEY_HEARTBEAT_TTL", 15))
@@ -91,10 +135,27 @@ class Config:
 
     @property
     def origins(self) -> list[str]:
-        """Allowed browser origins: explicit list, else every allowed host on http and https."""
+        """Allowed browser origins: the explicit list, else each named host on http and https.
+
+        A wildcard host never becomes an origin: with `*` (what a pod behind an ingress often
+        needs for probes) any site could open a socket with the user's cookie.
+        """
         if self.allowed_origins:
             return self.allowed_origins
-        return [h for h in self.allowed_hosts]
+        named = [h for h in self.allowed_hosts if h and "*" not in h and not h.startswith(".")]
+        return [f"{scheme}://{host}" for host in named for scheme in ("http", "https")]
+
+    def key(self, name: str) -> str:
+        """A Redis key or topic of this platform: every key is namespaced by the channel prefix,
+        so two platforms sharing a Redis never see each other's rooms or processes."""
+        return f"{self.channel_prefix}:{name}"
+
+    def check_secret_key(self) -> None:
+        if self.secret_key == DEV_SECRET_KEY and not self.dev:
+            raise SystemExit(
+                "SECRET_KEY is not set: refusing to start with the built-in development key. "
+                "Set SECRET_KEY (a long random string), or PARLEY_DEV=1 for a local run."
+            )
 
 
 def load() -> Config:
