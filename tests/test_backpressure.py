@@ -10,6 +10,7 @@ import pytest
 from channels.db import database_sync_to_async
 
 from chat.services import create_group
+from embedded_redis import free_port
 from tests.helpers import WsClient, amake_user, client_frame, fetch, messages_in, raw_websocket, read_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -23,8 +24,10 @@ async def test_a_client_that_stops_reading_is_closed_and_the_room_goes_on(live_s
     room = await database_sync_to_async(create_group)(alice, "busy", False)
     # Both servers' send() waits while the socket's buffers are full (Daphne through
     # parley.daphne_server), so backpressure reaches the consumer's bounded outbox.
+    metrics_port = free_port()
     port = live_stack.start_protocol(
-        server=server, PARLEY_SEND_BUFFER="1000", PARLEY_RATE_PER_SECOND="10000", PARLEY_RATE_BURST="10000"
+        server=server, PARLEY_SEND_BUFFER="1000", PARLEY_RATE_PER_SECOND="10000", PARLEY_RATE_BURST="10000",
+        PARLEY_METRICS_PORT=str(metrics_port),
     )
     live_stack.start_worker()
     sender = await WsClient.connect(port, alice_token)
@@ -60,7 +63,7 @@ async def test_a_client_that_stops_reading_is_closed_and_the_room_goes_on(live_s
 
     # The server gave up on the slow client (the counter) and stopped queueing for it: what it
     # can still read is an in-order prefix of the room, far from all of it.
-    metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{port}/metrics")
+    metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{metrics_port}/metrics")
     assert "parley_slow_client_closes_total 1.0" in metrics
     stream = await asyncio.to_thread(read_for, slow, 3.0)
     seqs = [int(m) for m in re.findall(rb'"seq":(\d+)', stream)]

@@ -19,6 +19,9 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 
+from chat import admin
+from parley.config import default_admin_socket
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -259,9 +262,7 @@ def test_page_reconnects_by_itself_and_resumes_missed_messages_in_order(live_sta
 
     # Bob's protocol process drains (`reconnect {delay_ms}`, close 4012), as before a pod stops,
     # then exits: his page keeps trying, with backoff, and tells him so.
-    request = urllib.request.Request(f"http://127.0.0.1:{port_b}/internal/drain", method="POST")
-    with urllib.request.urlopen(request, timeout=5) as response:
-        assert response.status == 200
+    assert admin.call("drain", default_admin_socket(port_b))["draining"] is True
     expect(bob.state).to_have_attribute("data-state", "reconnecting")
     os.killpg(bobs_process.pid, signal.SIGTERM)
     bobs_process.wait(timeout=15)

@@ -9,6 +9,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
+from chat import keys
 from embedded_redis import free_port
 from tests.helpers import WsClient, amake_user, fetch
 
@@ -18,8 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 async def heartbeats(url: str) -> list[dict[str, str]]:
     client = aioredis.Redis.from_url(url, decode_responses=True)
     try:
-        keys = [key async for key in client.scan_iter(match="parley:proc:*")]
-        return [await client.hgetall(key) | {"ttl": str(await client.ttl(key))} for key in keys]
+        found = [key async for key in client.scan_iter(match=keys.heartbeat_pattern())]
+        return [await client.hgetall(key) | {"ttl": str(await client.ttl(key))} for key in found]
     finally:
         await client.aclose()
 
@@ -37,7 +38,8 @@ async def wait_for(predicate, timeout: float = 15.0):
 async def test_processes_publish_their_load_and_metrics(live_stack):
     url = os.environ["REDIS_URLS"].split(",")[0]
     _, token = await amake_user("alice")
-    port = live_stack.start_protocol(POD_NAME="protocol-pod-a")
+    protocol_metrics_port = free_port()
+    port = live_stack.start_protocol(POD_NAME="protocol-pod-a", PARLEY_METRICS_PORT=str(protocol_metrics_port))
     metrics_port = free_port()
     live_stack.start_worker(PARLEY_METRICS_PORT=str(metrics_port), POD_NAME="worker-pod-a")
     clients = [await WsClient.connect(port, token) for _ in range(3)]
@@ -55,7 +57,8 @@ async def test_processes_publish_their_load_and_metrics(live_stack):
 
     assert await wait_for(worker_beats) == ["worker-pod-a"]
 
-    protocol_metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{port}/metrics")
+    # Metrics on a port of their own; the public listener has none.
+    protocol_metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{protocol_metrics_port}/metrics")
     assert "parley_connections 3.0" in protocol_metrics
     worker_metrics = await wait_for(
         lambda: asyncio.to_thread(fetch, f"http://127.0.0.1:{metrics_port}/metrics")

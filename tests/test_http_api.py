@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from django.test import Client, override_settings
+from django.test import Client
 
 from chat import views
 from chat.models import Membership, Room
@@ -133,28 +133,6 @@ def test_session_posts_need_the_csrf_token(client):
         "/api/rooms", data=json.dumps({"name": "x"}), content_type="application/json", HTTP_X_CSRFTOKEN=csrf
     )
     assert response.status_code == 201
-
-
-def test_health_and_metrics_endpoints(client):
-    assert client.get("/healthz").json() == {"status": "ok"}
-    metrics = client.get("/metrics").content.decode()
-    assert "parley_connections" in metrics and "parley_deliveries_total" in metrics
-
-
-@pytest.mark.django_db(transaction=True)
-def test_readyz_reports_each_dependency():
-    from asgiref.sync import async_to_sync
-    from django.test import AsyncRequestFactory
-
-    response = async_to_sync(views.readyz)(AsyncRequestFactory().get("/readyz"))
-    body = json.loads(response.content)
-    assert response.status_code == 200 and body["checks"]["database"] == "ok" and body["checks"]["redis0"] == "ok"
-
-
-@override_settings(ALLOWED_HOSTS=["*"])
-def test_drain_refuses_anyone_but_the_pod_itself(client):
-    response = client.post("/internal/drain", REMOTE_ADDR="10.1.2.3")
-    assert response.status_code == 403
 
 
 def test_login_page_and_redirect(client):
