@@ -547,3 +547,53 @@ def test_protocol_error_codes_are_documented():
     for name, value in vars(protocol.CloseCode).items():
         if name.isupper():
             assert f"| {value} |" in text, (name, value)
+
+
+async def _api(method: str, path: str, token: str, body: dict | None = None) -> tuple[int, dict]:
+    communicator = HttpCommunicator(
+        application, method, path, body=json.dumps(body or {}).encode(),
+        headers=[(b"host", b"localhost"), (b"authorization", f"Bearer {token}".encode()),
+                 (b"content-type", b"application/json")],
+    )
+    response = await communicator.get_response(timeout=10)
+    return response["status"], json.loads(response["body"] or b"{}")
+
+
+async def test_a_member_can_leave_a_group_and_its_live_sockets_stop_receiving_it(worker):
+    alice, alice_token = await amake_user("alice")
+    bob, bob_token = await amake_user("bob")
+    room = await database_sync_to_async(create_group)(alice, "team", True)
+    await database_sync_to_async(Membership.objects.create)(room=room, user=bob)
+    a, b = await connect(alice_token), await connect(bob_token)
+    await a.join(room.pk)
+    await b.join(room.pk)
+    status, _ = await _api("POST", f"/api/rooms/{room.pk}/leave", bob_token)
+    assert status == 200
+    left = await b.expect("left", room=room.pk, timeout=5)
+    assert left["reason"] == "membership ended"
+    await a.send({"type": "send", "room": room.pk, "body": "after bob left", "client_msg_id": "l1"})
+    await a.expect("ack", timeout=10)
+    assert await b.comm.receive_nothing(0.5)
+    await b.send({"type": "send", "room": room.pk, "body": "me again", "client_msg_id": "l2"})
+    await b.error("not_joined")
+    await b.send({"type": "join", "room": room.pk})  # private: no way back without an invitation
+    await b.error("forbidden")
+    await a.close()
+    await b.close()
+
+
+async def test_only_the_creator_removes_members_and_dms_cannot_be_left():
+    alice, alice_token = await amake_user("alice")
+    bob, bob_token = await amake_user("bob")
+    carol, _ = await amake_user("carol")
+    room = await database_sync_to_async(create_group)(alice, "team", False)
+    for user in (bob, carol):
+        await database_sync_to_async(Membership.objects.create)(room=room, user=user)
+    status, body = await _api("DELETE", f"/api/rooms/{room.pk}/members/carol", bob_token)
+    assert status == 403 and body["error"]["code"] == "forbidden"
+    status, _ = await _api("DELETE", f"/api/rooms/{room.pk}/members/carol", alice_token)
+    assert status == 200
+    assert not await database_sync_to_async(Membership.objects.filter(room=room, user=carol).exists)()
+    dm = await database_sync_to_async(open_dm)(alice, "bob")
+    status, body = await _api("POST", f"/api/rooms/{dm.pk}/leave", bob_token)
+    assert status == 403

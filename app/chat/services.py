@@ -139,8 +139,26 @@ def is_member(user_id: int, room_id: int) -> bool:
 
 
 def leave_room(user_id: int, room_id: int) -> None:
-    """Leaving a group ends the membership; DMs and bot chats cannot be left, only closed."""
-    Membership.objects.filter(room_id=room_id, user_id=user_id, room__kind=Room.Kind.GROUP).delete()
+    """Leaving a group ends the membership; DMs and bot chats cannot be left."""
+    require_member(user_id, room_id)
+    if not Room.objects.filter(pk=room_id, kind=Room.Kind.GROUP).exists():
+        raise ProtocolError(ErrorCode.FORBIDDEN, "only group rooms can be left")
+    Membership.objects.filter(room_id=room_id, user_id=user_id).delete()
+
+
+def remove_member(remover_id: int, room_id: int, username: str) -> int:
+    """The room's creator removes a member of a group; returns the removed user's id."""
+    require_member(remover_id, room_id)
+    room = Room.objects.get(pk=room_id)
+    if room.kind != Room.Kind.GROUP or room.created_by_id != remover_id:
+        raise ProtocolError(ErrorCode.FORBIDDEN, "only the room's creator removes members")
+    member = User.objects.filter(username=username).first()
+    if member is None or not Membership.objects.filter(room=room, user=member).exists():
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"{username!r} is not a member of room {room_id}")
+    if member.pk == remover_id:
+        raise ProtocolError(ErrorCode.FORBIDDEN, "leave the room instead of removing yourself")
+    Membership.objects.filter(room=room, user=member).delete()
+    return member.pk
 
 
 def require_member(user_id: int, room_id: int) -> None:

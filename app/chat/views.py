@@ -14,6 +14,7 @@ from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from chat import services
+from chat.control_receiver import publish_sync as publish_control
 from chat.http_auth import api_view, error, json_body
 from chat.models import ApiToken
 from chat.protocol import ErrorCode, ProtocolError, check_text
@@ -101,6 +102,21 @@ def rooms(request: HttpRequest) -> JsonResponse:
 def members(request: HttpRequest, room_id: int) -> JsonResponse:
     room = services.invite(request.user.pk, room_id, _str_field(json_body(request), "user"))
     return JsonResponse(services.room_dict(room, request.user.pk))
+
+
+@api_view("POST")
+def leave(request: HttpRequest, room_id: int) -> JsonResponse:
+    services.leave_room(request.user.pk, room_id)
+    # Live sockets of the user stop receiving the room now, not at their next reconnect.
+    publish_control({"leave_room": room_id, "user": request.user.pk})
+    return JsonResponse({"room": room_id, "left": True})
+
+
+@api_view("DELETE")
+def member(request: HttpRequest, room_id: int, username: str) -> JsonResponse:
+    removed = services.remove_member(request.user.pk, room_id, username)
+    publish_control({"leave_room": room_id, "user": removed})
+    return JsonResponse({"room": room_id, "removed": username})
 
 
 @api_view("POST")

@@ -13,6 +13,8 @@ urlpatterns = [
     path("api/me", views.me),
     path("api/rooms", views.rooms),
     path("api/rooms/<int:room_id>/members", views.members),
+    path("api/rooms/<int:room_id>/members/<str:username>", views.member),
+    path("api/rooms/<int:room_id>/leave", views.leave),
     path("api/rooms/<int:room_id>/messages", views.messages),
     path("api/dms", views.dms),
 ]
