@@ -501,12 +501,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_resume(self, frame: dict[str, Any], ref: str | None) -> None:
         wanted = {int(key): last_seq for key, last_seq in frame["rooms"].items()}
-        again = {room: seq for room, seq in wanted.items() if room in self.rooms}
-        for room, seq in again.items():
-            cursor = self.rooms[room]
-            if not cursor.filling:
+        again: dict[int, Cursor] = {}
+        for room, seq in wanted.items():
+            cursor = self.rooms.get(room)
+            if cursor is not None and not cursor.filling:
                 cursor.last_seq = min(seq, cursor.last_seq)
-                self._start_fill(room, announce=True)
+                cursor.filling = True
+                again[room] = cursor
+        if again:
+            self._spawn(self._fill(again, announce=True))
         new = {room: seq for room, seq in wanted.items() if room not in self.rooms}
         cursors = await self._attach_many(new, ref)
         if cursors:
