@@ -231,8 +231,10 @@ def seed(users: int, room_size: int, out: Path) -> None:
     django.setup()
     from django.contrib.auth import get_user_model
     from django.db import transaction
+    from django.utils import timezone
 
     from chat.models import ApiToken, Membership, Room
+    from chat.tokens import hash_token, ttl
 
     user_model = get_user_model()
     with transaction.atomic():
@@ -243,14 +245,19 @@ def seed(users: int, room_size: int, out: Path) -> None:
             [Room(name=f"bench-{r}", kind=Room.Kind.GROUP, private=False)
              for r in range(math.ceil(users / room_size))], batch_size=2000
         )
-        tokens = ApiToken.objects.bulk_create(
-            [ApiToken(key=secrets.token_urlsafe(24), user=u) for u in made], batch_size=2000
+        # Only hashes are stored: keep the plaintexts for the clients.
+        tokens = [secrets.token_urlsafe(24) for _ in made]
+        expires = timezone.now() + ttl()
+        ApiToken.objects.bulk_create(
+            [ApiToken(key_hash=hash_token(t), user=u, name="bench", expires_at=expires)
+             for t, u in zip(tokens, made, strict=True)],
+            batch_size=2000,
         )
         Membership.objects.bulk_create(
             [Membership(room=rooms[i // room_size], user=u) for i, u in enumerate(made)], batch_size=5000
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tokens.txt").write_text("".join(f"{t.key}\n" for t in tokens))
+    (out / "tokens.txt").write_text("".join(f"{t}\n" for t in tokens))
     (out / "rooms.txt").write_text("".join(f"{r.pk}\n" for r in rooms))
 
 

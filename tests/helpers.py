@@ -16,7 +16,7 @@ import websockets
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 
-from chat.models import ApiToken
+from chat.tokens import create_token
 
 
 def fetch(url: str) -> str:
@@ -27,7 +27,7 @@ def fetch(url: str) -> str:
 
 def make_user(username: str, password: str = "password-123") -> tuple[Any, str]:
     user = get_user_model().objects.create_user(username=username, password=password)
-    return user, ApiToken.objects.create(user=user).key
+    return user, create_token(user, "test")[1]
 
 
 amake_user = database_sync_to_async(make_user)

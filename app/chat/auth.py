@@ -5,6 +5,11 @@ Origin header (every browser does) must come from an allowed origin, else it is 
 handshake (HTTP 403): that stops cross-site WebSocket hijacking with the user's cookie. Token
 clients and non-browser clients need no Origin. An unauthenticated socket is accepted and closed with 4001 by the
 consumer, so clients can tell "log in again" from a network failure.
+
+Before any of that, every handshake takes a token from its client address's bucket
+(`chat.throttle.HANDSHAKES`): over `PARLEY_HANDSHAKES_PER_SECOND` the socket is accepted, told
+`rate_limited` and closed with 4029, without a query. Token lookups are cached briefly
+(`chat.tokens`), found or not.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from urllib.parse import parse_qs
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
 from channels.security.websocket import OriginValidator, WebsocketDenier
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
 
-from chat.models import ApiToken
+from chat import throttle, tokens
+from chat.protocol import CloseCode, ErrorCode, dumps, error_frame
 from parley.config import CONFIG
 
 
@@ -39,6 +46,8 @@ class SocketUser:
 
     pk: int
     username: str
+    # The SHA-256 of the token the socket was opened with: revoking that token closes it.
+    token_hash: str | None = None
     is_authenticated: bool = True
 
     def get_username(self) -> str:
@@ -46,19 +55,32 @@ class SocketUser:
 
 
 def socket_user_for_token(key: str) -> SocketUser | AnonymousUser:
-    row = (
-        ApiToken.objects.filter(key=key, user__is_active=True)
-        .values_list("user_id", "user__username")
-        .first()
-    )
-    return SocketUser(*row) if row else AnonymousUser()
+    info = tokens.find_token(key)
+    if info is None:
+        return AnonymousUser()
+    return SocketUser(info.user_id, info.username, info.key_hash)
 
 
 def user_for_token(key: str) -> Any:
-    token = ApiToken.objects.select_related("user").filter(key=key).first()
-    if token is None or not token.user.is_active:
+    """The active user of a live token (a model instance: views need one), else anonymous."""
+    info = tokens.find_token(key)
+    if info is None:
         return AnonymousUser()
-    return token.user
+    # By primary key, checked again: a cached answer may predate a deactivation elsewhere.
+    user = get_user_model().objects.filter(pk=info.user_id, is_active=True).first()
+    return user if user is not None else AnonymousUser()
+
+
+async def refuse_handshake(receive: Any, send: Any) -> None:
+    """Accept, say `rate_limited`, close 4029: the client learns to wait instead of retrying
+    at once, as it would after a bare refusal (which looks like a network failure)."""
+    message = await receive()
+    if message.get("type") != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    frame = error_frame(ErrorCode.RATE_LIMITED, "too many handshakes from your address; retry in a few seconds")
+    await send({"type": "websocket.send", "text": dumps(frame)})
+    await send({"type": "websocket.close", "code": CloseCode.TOO_MANY_HANDSHAKES})
 
 
 # What a connected socket's consumer needs of its handshake scope.
@@ -86,6 +108,9 @@ class TokenOrSessionAuth:
         if scope.get("path") != self.path:
             # Same answer as an unknown HTTP path would get: refuse the handshake.
             return await WebsocketDenier()(scope, receive, send)
+        client = scope.get("client")
+        if not throttle.HANDSHAKES.allow(client[0] if client else None):
+            return await refuse_handshake(receive, send)
         key = token_from_scope(scope)
         if key is not None:
             user = await database_sync_to_async(socket_user_for_token)(key)

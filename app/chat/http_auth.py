@@ -13,12 +13,24 @@ from django.views.decorators.csrf import csrf_exempt
 
 from chat.auth import user_for_token
 from chat.protocol import ErrorCode, ProtocolError
+from chat.tokens import hash_token
 
 STATUS = {ErrorCode.NOT_FOUND: 404, ErrorCode.FORBIDDEN: 403, ErrorCode.INVALID_FRAME: 400}
 
 
 def error(status: int, code: str, message: str) -> JsonResponse:
     return JsonResponse({"error": {"code": code, "message": message}}, status=status)
+
+
+def rate_limited(retry_after: int) -> JsonResponse:
+    response = error(429, "rate_limited", f"too many attempts; retry in {retry_after} s")
+    response["Retry-After"] = str(retry_after)
+    return response
+
+
+def csrf_rejected(request: HttpRequest) -> bool:
+    """Whether a session-riding POST lacks a good CSRF token (cookies ride along cross-site)."""
+    return CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is not None
 
 
 def json_body(request: HttpRequest) -> dict[str, Any]:
@@ -51,10 +63,11 @@ def api_view(*methods: str, auth: bool = True) -> Callable:
                 key = _bearer(request)
                 if key is not None:
                     request.user = user_for_token(key)
+                    # Which token authenticated the request: logout revokes that one.
+                    request.token_hash = hash_token(key) if request.user.is_authenticated else None
                 elif request.user.is_authenticated and request.method not in ("GET", "HEAD"):
                     # Session cookies ride along on cross-site requests: require the CSRF token.
-                    rejected = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
-                    if rejected is not None:
+                    if csrf_rejected(request):
                         return error(403, "csrf_failed", "missing or wrong CSRF token")
                 if not request.user.is_authenticated:
                     return error(401, "unauthenticated", "log in or send Authorization: Bearer <token>")

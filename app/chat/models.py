@@ -97,10 +97,27 @@ class BotTemplate(models.Model):
 
 
 def new_token_key() -> str:
+    # Only migration 0001 (plaintext keys) still names this; new tokens come from chat.tokens.
     return secrets.token_urlsafe(32)
 
 
 class ApiToken(models.Model):
-    key = models.CharField(max_length=64, unique=True, default=new_token_key)
+    """A bearer token of a program or device. Only its SHA-256 is stored (`chat.tokens`): a
+    leaked database or backup does not hand out live credentials. The plaintext is shown once."""
+
+    # sha256 hex of the token; tokens are 256 random bits, so no salt or slow hash is needed.
+    key_hash = models.CharField(max_length=64, unique=True)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    # What the user called it ("laptop", "ci-bot"), to tell tokens apart when revoking.
+    name = models.CharField(max_length=100, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    # Updated at most once an hour (chat.tokens): a write per request would cost more than it tells.
+    last_used = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        # The per-user cap drops a user's oldest tokens: find them without a scan.
+        indexes = [models.Index(fields=["user", "created_at"], name="apitoken_user_created")]
+
+    def __str__(self) -> str:
+        return f"token {self.key_hash[:8]} of user {self.user_id}"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib.auth import authenticate, get_user_model, login
+from django.contrib.auth import authenticate, get_user_model, login, logout
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
@@ -13,11 +14,11 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
-from chat import services
+from chat import services, throttle
 from chat.control_receiver import publish_sync as publish_control
-from chat.http_auth import api_view, error, json_body
-from chat.models import ApiToken
+from chat.http_auth import api_view, csrf_rejected, error, json_body, rate_limited
 from chat.protocol import ErrorCode, ProtocolError, check_text
+from chat.tokens import create_token, revoke_all, revoke_token
 from parley.config import CONFIG
 
 User = get_user_model()
@@ -39,38 +40,116 @@ def _str_field(data: dict[str, Any], name: str, max_length: int = 150) -> str:
 # --- auth ----------------------------------------------------------------------------------------
 
 
+def _client_address(request: HttpRequest) -> str | None:
+    # Already the real client behind trusted proxies (parley.proxies rewrote the scope).
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def _token_name(data: dict[str, Any]) -> str:
+    return _str_field(data, "name", 100) if data.get("name") is not None else ""
+
+
 @api_view("POST", auth=False)
 def issue_token(request: HttpRequest) -> JsonResponse:
     data = json_body(request)
-    user = authenticate(
-        request, username=_str_field(data, "username"), password=_str_field(data, "password", 4096)
-    )
+    username = _str_field(data, "username")
+    password = _str_field(data, "password", 4096)
+    name = _token_name(data)
+    address = _client_address(request)
+    if (retry := throttle.blocked("login", account=username, address=address)) is not None:
+        return rate_limited(retry)
+    user = authenticate(request, username=username, password=password)
     if user is None:
+        throttle.record("login", account=username, address=address)
         return error(401, "bad_credentials", "wrong username or password")
-    token = ApiToken.objects.create(user=user)
-    return JsonResponse({"token": token.key, "user": _user(user)})
+    throttle.clear_account("login", username)
+    token, plaintext = create_token(user, name)
+    return JsonResponse({"token": plaintext, "user": _user(user), "name": token.name,
+                         "expires_at": token.expires_at.isoformat()})
 
 
 @api_view("POST", auth=False)
 def register(request: HttpRequest) -> JsonResponse:
     if not CONFIG.open_registration:
         return error(403, "registration_closed", "open registration is off (PARLEY_OPEN_REGISTRATION)")
+    address = _client_address(request)
+    if (retry := throttle.blocked("register", address=address)) is not None:
+        return rate_limited(retry)
+    # Every attempt counts, not just failures: each success is a new account.
+    throttle.record("register", address=address)
     data = json_body(request)
+    wants_session = data.get("login") is True
+    if wants_session:
+        # A session-creating POST: a cross-site form (any content type, no preflight) must not
+        # log the victim's browser into an account of the attacker's (login CSRF).
+        if request.content_type != "application/json":
+            return error(415, "unsupported_media_type", "send the body as application/json")
+        if csrf_rejected(request):
+            return error(403, "csrf_failed", "missing or wrong CSRF token")
     username = _str_field(data, "username")
     password = _str_field(data, "password", 4096)
+    name = _token_name(data)
     try:
         User.username_validator(username)
-        validate_password(password)
+        validate_password(password, User(username=username))
     except ValidationError as exc:
         return error(400, "invalid_request", " ".join(exc.messages))
     try:
         user = User.objects.create_user(username=username, password=password)
     except IntegrityError:
         return error(409, "username_taken", f"the username {username!r} is taken")
-    if data.get("login"):
+    if wants_session:
+        # The browser gets its session and no token: a credential nobody keeps can only leak.
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-    token = ApiToken.objects.create(user=user)
-    return JsonResponse({"token": token.key, "user": _user(user)}, status=201)
+        return JsonResponse({"user": _user(user)}, status=201)
+    token, plaintext = create_token(user, name)
+    return JsonResponse({"token": plaintext, "user": _user(user), "name": token.name,
+                         "expires_at": token.expires_at.isoformat()}, status=201)
+
+
+@api_view("POST")
+def logout_view(request: HttpRequest) -> JsonResponse:
+    """Revoke the token this request came with, or end the session it came with."""
+    token_hash = getattr(request, "token_hash", None)
+    if token_hash is not None:
+        revoke_token(token_hash)
+        return JsonResponse({"revoked": "token"})
+    logout(request)
+    return JsonResponse({"revoked": "session"})
+
+
+@api_view("POST")
+def logout_all(request: HttpRequest) -> JsonResponse:
+    """Revoke every token of the user and close all of the user's live sockets (this browser's
+    session ends too; other browsers' sessions last until they log out or expire)."""
+    count = revoke_all(request.user.pk)
+    if getattr(request, "token_hash", None) is None:
+        logout(request)
+    return JsonResponse({"revoked": "all", "tokens": count})
+
+
+class ThrottledLoginView(auth_views.LoginView):
+    """Django's login page, throttled like `/api/auth/token` (the same counters)."""
+
+    template_name = "chat/login.html"
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        username = str(request.POST.get("username", ""))[:150]
+        if (retry := throttle.blocked("login", account=username, address=_client_address(request))) is not None:
+            response = HttpResponse(f"Too many login attempts. Try again in {retry} seconds.\n",
+                                    status=429, content_type="text/plain")
+            response["Retry-After"] = str(retry)
+            return response
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form: Any) -> HttpResponse:
+        username = str(self.request.POST.get("username", ""))[:150]
+        throttle.record("login", account=username, address=_client_address(self.request))
+        return super().form_invalid(form)
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        throttle.clear_account("login", form.get_user().get_username())
+        return super().form_valid(form)
 
 
 @api_view("GET")

@@ -128,6 +128,36 @@ class Config:
     admin_socket: str = field(
         default_factory=lambda: os.environ.get("PARLEY_ADMIN_SOCKET") or default_admin_socket(_int("PORT", 8000))
     )
+    # --- tokens and credentials (chat.tokens, chat.throttle; docs/security-tokens.md) ---
+    # Days an API token lives. A month: programs re-login rarely, a leaked token dies on its own.
+    token_ttl_days: int = field(default_factory=lambda: _int("PARLEY_TOKEN_TTL_DAYS", 30))
+    # Live tokens one user may hold (the oldest is dropped beyond): a few per device and
+    # program, and a login loop no longer grows the table without bound.
+    max_tokens_per_user: int = field(default_factory=lambda: _int("PARLEY_MAX_TOKENS_PER_USER", 20))
+    # Seconds a token lookup (found or not) is remembered per process. Revocation is immediate
+    # in the process that revokes; elsewhere it takes effect within this bound (and live sockets
+    # are closed at once over the control topic). Short: a bound on stale answers, long enough
+    # that a handshake storm repeating a token costs one query.
+    token_cache_seconds: float = field(default_factory=lambda: _float("PARLEY_TOKEN_CACHE_SECONDS", 5.0))
+    # WebSocket handshakes per client address (token bucket; 4029 beyond). 10/s sustained is far
+    # above any honest address; the burst of 50 lets a NAT'd office reconnect after a drain.
+    handshakes_per_second: float = field(default_factory=lambda: _float("PARLEY_HANDSHAKES_PER_SECOND", 10.0))
+    handshake_burst: int = field(default_factory=lambda: _int("PARLEY_HANDSHAKE_BURST", 50))
+    # Peers the handshake limit does not apply to: same-host peers (the local run, tests, the
+    # benchmark, sidecars) are never a remote attacker; proxy headers cannot claim them.
+    handshake_exempt: list[str] = field(
+        default_factory=lambda: _list("PARLEY_HANDSHAKE_EXEMPT", "127.0.0.0/8,::1/128")
+    )
+    # Login throttle window (seconds) and what it allows, shared by every process through Redis.
+    # Five minutes: long enough to make guessing slow (10 tries per 5 min is ~3,000 a day per
+    # account), short enough that someone locked out by an attacker's failures waits little.
+    login_window_seconds: int = field(default_factory=lambda: _int("PARLEY_LOGIN_WINDOW_SECONDS", 300))
+    # Failed logins per account per window (429 beyond): more than any person mistyping.
+    login_failures_per_account: int = field(default_factory=lambda: _int("PARLEY_LOGIN_FAILURES_PER_ACCOUNT", 10))
+    # Failed logins per client address per window: higher, as a NAT or proxy hides many people.
+    login_failures_per_address: int = field(default_factory=lambda: _int("PARLEY_LOGIN_FAILURES_PER_ADDRESS", 50))
+    # Registrations (attempts) per client address per window: a class signing up together fits.
+    register_per_address: int = field(default_factory=lambda: _int("PARLEY_REGISTER_PER_ADDRESS", 20))
     pod_name: str = field(default_factory=lambda: os.environ.get("POD_NAME", socket.gethostname()))
     heartbeat_seconds: float = field(default_factory=lambda: _float("PARLEY_HEARTBEAT_SECONDS", 5.0))
     heartbeat_ttl: int = field(default_factory=lambda: _int("PARLEY_HEARTBEAT_TTL", 15))

@@ -5,11 +5,13 @@ from chat import views
 
 urlpatterns = [
     path("", views.index, name="index"),
-    path("login/", auth_views.LoginView.as_view(template_name="chat/login.html"), name="login"),
+    path("login/", views.ThrottledLoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(next_page="/login/"), name="logout"),
     path("signup/", views.signup, name="signup"),
     path("api/auth/token", views.issue_token),
     path("api/auth/register", views.register),
+    path("api/auth/logout", views.logout_view),
+    path("api/auth/logout-all", views.logout_all),
     path("api/me", views.me),
     path("api/rooms", views.rooms),
     path("api/rooms/<int:room_id>/members", views.members),

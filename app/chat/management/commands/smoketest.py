@@ -38,6 +38,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         from chat.models import ApiToken, Membership, Room
+        from chat.tokens import create_token
 
         User = get_user_model()
         users = []
@@ -52,12 +53,12 @@ class Command(BaseCommand):
             room = Room.objects.create(name=ROOM_NAME, kind=Room.Kind.GROUP, private=True, created_by=users[0])
         for user in users:
             Membership.objects.get_or_create(room=room, user=user)
-        tokens = [ApiToken.objects.create(user=user) for user in users]
+        tokens = [create_token(user, "smoketest") for user in users]
         try:
-            result = asyncio.run(self._exchange(options["url"], options["host"], [t.key for t in tokens],
+            result = asyncio.run(self._exchange(options["url"], options["host"], [key for _, key in tokens],
                                                 room.pk, options["timeout"]))
         finally:
-            ApiToken.objects.filter(pk__in=[t.pk for t in tokens]).delete()
+            ApiToken.objects.filter(pk__in=[t.pk for t, _ in tokens]).delete()
         self.stdout.write(json.dumps({"ok": True, **result}))
 
     async def _exchange(self, url: str, host: str, tokens: list[str], room: int, timeout: float) -> dict[str, Any]:
