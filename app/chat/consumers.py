@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 
 _connection_keys = itertools.count(1)
 
+# Beyond the rate limit a connection is told so at most once per this many seconds; what else it
+# sends meanwhile is dropped unread (documented: re-send after an error, as after any error).
+RATE_LIMITED_NOTICE_SECONDS = 1.0
+# A `resume` costs one frame of the rate limit per this many rooms: 500 rooms take 20 of the
+# default 40-frame burst, so one connection replays 500 rooms about once a second at most.
+ROOMS_PER_FRAME_COST = 25
+
 
 @dataclass(slots=True)
 class Cursor:
@@ -74,6 +81,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # Set once the socket was accepted for an authenticated user with room under the caps.
     admitted = False
     closing = False
+    limited_at = -1e9  # when this connection was last told `rate_limited`
     token_hash: str | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -401,6 +409,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not cursors:
             return {}
         latest = await database_sync_to_async(services.last_seqs)(list(cursors))
+        online = await PRESENCE.online_many(list(cursors))
         for room, cursor in list(cursors.items()):
             if self.rooms.get(room) is not cursor:
                 del cursors[room]
@@ -409,9 +418,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
             info["last_seq"] = latest.get(room, info["last_seq"])
             from_seq = wanted[room]
             cursor.last_seq = info["last_seq"] if from_seq is None else min(from_seq, info["last_seq"])
-            await self._push_joined(room, info, ref)
+            self._push_joined_now(room, info, online.get(room, []), ref)
             cursor.open = True
         return cursors
+
+    async def _arrive_many(self, rooms: list[int]) -> None:
+        """Presence of a `resume`: one pipelined round trip per shard, not two per room."""
+        first = [room for room in rooms if PRESENCE.arrive(room, self.user_id, self.username)]
+        if not first:
+            return
+        await PRESENCE.mark_online_many(first, self.user_id, self.username)
+        me = self._me()
+        await fanout.publish_many(
+            (room, None, dumps({"type": "presence", "room": room, "user": me, "status": "online"})) for room in first
+        )
 
     async def _arrive(self, room: int) -> None:
         if PRESENCE.arrive(room, self.user_id, self.username):
@@ -453,15 +473,33 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not self.admitted or self.closing:
             return  # a refused or closing socket: frames still in flight have nobody to answer
         allowed = self.bucket.take()  # every frame counts, invalid ones too
+        if not allowed:
+            now = time.monotonic()
+            if now - self.limited_at < RATE_LIMITED_NOTICE_SECONDS:
+                # Told already: a flood is dropped unparsed, so it costs neither parsing nor an
+                # error frame per frame (the server's work must not grow with the attacker's).
+                metrics.DROPPED_FRAMES.inc()
+                return
+            self.limited_at = now
         ref: str | None = None
         try:
+            if not allowed:
+                try:  # only for the ref to echo
+                    ref = parse(text_data).get("ref") if text_data is not None else None
+                except ProtocolError as exc:
+                    ref = exc.ref
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    "too many frames; this one and those after it for a second were not processed", ref,
+                )
             if text_data is None:
                 raise ProtocolError(ErrorCode.BINARY_UNSUPPORTED, "binary frames are not supported; send JSON text")
             frame = parse(text_data)
             ref = frame.get("ref") or frame.get("client_msg_id")
             metrics.FRAMES_IN.labels(type=frame["type"]).inc()
-            if not allowed:
-                raise ProtocolError(ErrorCode.RATE_LIMITED, "too many frames; slow down and retry", ref)
+            if frame["type"] == "resume":
+                # A resume answers with a few frames per room: it costs like that many frames.
+                self.bucket.charge(len(frame["rooms"]) / ROOMS_PER_FRAME_COST)
             await getattr(self, f"on_{frame['type']}")(frame, ref)
         except ProtocolError as exc:
             self.push_error(exc.code, exc.message, exc.ref or ref)
@@ -490,9 +528,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._arrive(room)
 
     async def _push_joined(self, room: int, info: dict[str, Any], ref: str | None) -> None:
-        online = await PRESENCE.online(room)
+        self._push_joined_now(room, info, await PRESENCE.online(room), ref)
+
+    def _push_joined_now(self, room: int, info: dict[str, Any], online: list[dict[str, Any]], ref: str | None) -> None:
         if all(user["id"] != self.user_id for user in online):
-            online.append(self._me())
+            online = [*online, self._me()]
         self.push({"type": "joined", "room": room, "info": info, "online": online, "ref": ref})
 
     async def on_leave(self, frame: dict[str, Any], ref: str | None) -> None:
@@ -515,8 +555,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if cursors:
             # joined (sent), then the missed messages, then resumed: a client can rebuild each room.
             self._spawn(self._fill(cursors, announce=True))
-            for room in cursors:
-                await self._arrive(room)
+            await self._arrive_many(list(cursors))
 
     async def on_send(self, frame: dict[str, Any], ref: str | None) -> None:
         room = frame["room"]

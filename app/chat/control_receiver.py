@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from chat import tokens
 from chat.keys import control_topic
 from chat.process import STATE
 from chat.protocol import CloseCode
@@ -48,12 +49,14 @@ def _int(value: Any) -> int | None:
 
 def handle_control(command: dict[str, Any]) -> None:
     if (user := _int(command.get("kick_user"))) is not None:
+        tokens.forget_user(user)  # this process's lookup cache must not admit the user again
         sockets = STATE.of_user(user)
         for conn in sockets:
             conn.close_for(CloseCode.UNAUTHENTICATED, "your credentials were revoked; log in again")
         if sockets:
             log.info("closed %d sockets of user %d (revoked or deactivated)", len(sockets), user)
     elif isinstance(token := command.get("kick_token"), str):
+        tokens.forget_token(token)
         for conns in list(STATE.by_user.values()):
             for conn in list(conns):
                 if getattr(conn, "token_hash", None) == token:

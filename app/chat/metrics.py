@@ -31,3 +31,4 @@ BAD_PAYLOADS = Counter("parley_bad_payloads_total", "Pub/sub payloads dropped as
 SEND_FAILURES = Counter(
     "parley_send_failures_total", "Frames the server failed to write to an open socket (closed 4011)"
 )
+DROPPED_FRAMES = Counter("parley_dropped_frames_total", "Client frames dropped unread beyond the rate limit")

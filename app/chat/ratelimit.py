@@ -15,11 +15,16 @@ class TokenBucket:
         self.clock = clock
         self.updated = clock()
 
-    def take(self) -> bool:
+    def take(self, cost: float = 1.0) -> bool:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= cost:
+            self.tokens -= cost
             return True
         return False
+
+    def charge(self, cost: float) -> None:
+        """Take more for a frame already admitted (its cost known only once parsed); may go
+        negative, which delays the connection's next frames accordingly."""
+        self.tokens -= cost
