@@ -128,7 +128,7 @@ class Config:
     admin_socket: str = field(
         default_factory=lambda: os.environ.get("PARLEY_ADMIN_SOCKET") or default_admin_socket(_int("PORT", 8000))
     )
-    # --- tokens and credentials (chat.tokens, chat.throttle; docs/security-tokens.md) ---
+    # --- tokens and credentials (chat.tokens, chat.throttle; docs/security.md, "Tokens and credentials") ---
     # Days an API token lives. A month: programs re-login rarely, a leaked token dies on its own.
     token_ttl_days: int = field(default_factory=lambda: _int("PARLEY_TOKEN_TTL_DAYS", 30))
     # Live tokens one user may hold (the oldest is dropped beyond): a few per device and
