@@ -597,3 +597,39 @@ async def test_only_the_creator_removes_members_and_dms_cannot_be_left():
     dm = await database_sync_to_async(open_dm)(alice, "bob")
     status, body = await _api("POST", f"/api/rooms/{dm.pk}/leave", bob_token)
     assert status == 403
+
+
+async def test_daphne_stops_reading_a_socket_whose_frames_pile_up():
+    """Item 5: a client that sends faster than it is handled is paused by TCP, not buffered."""
+    from parley.daphne_server import ApplicationInbox
+
+    class Transport:
+        paused = False
+
+        def pauseProducing(self) -> None:
+            self.paused = True
+
+        def resumeProducing(self) -> None:
+            self.paused = False
+
+    transport = Transport()
+    inbox = ApplicationInbox(transport, limit=8)
+    for n in range(7):
+        inbox.put_nowait({"type": "websocket.receive", "text": str(n)})
+    assert not transport.paused
+    inbox.put_nowait({"type": "websocket.receive", "text": "7"})
+    assert transport.paused
+    for _ in range(3):
+        await inbox.get()
+    assert transport.paused  # 5 still waiting: above half
+    await inbox.get()
+    assert not transport.paused
+    assert [(await inbox.get())["text"] for _ in range(4)] == ["4", "5", "6", "7"]  # nothing lost
+
+
+def test_the_servers_read_frames_only_up_to_the_protocols_own_limit():
+    from parley.daphne_server import LeanServer
+
+    server = LeanServer(application=None, endpoints=["tcp:port=0:interface=127.0.0.1"])
+    assert server.websocket_max_message_size == config.CONFIG.ws_max_bytes <= 128 * 1024
+    assert protocol.max_frame_chars() < config.CONFIG.ws_max_bytes
