@@ -25,6 +25,10 @@ from typing import Any
 import websockets
 
 HOST = "127.0.0.1"  # load stays local
+# The normal user and the attacker come from different loopback addresses, as they would from
+# different machines: per-address limits (handshakes) then apply to each on its own.
+NORMAL_ADDR = "127.0.0.2"
+ATTACKER_ADDR = "127.0.0.3"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_OPERATIONS = 100_000  # every loop is bounded in count as well as in time
 
@@ -61,10 +65,15 @@ class Latency:
         }
 
 
+class Refused(Exception):
+    """The server answered the handshake with an error frame (and closes with a code)."""
+
+
 async def _hello(ws: Any) -> dict[str, Any]:
     frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
     if frame.get("type") != "hello":
-        raise RuntimeError(f"expected hello, got {frame}")
+        await asyncio.wait_for(ws.wait_closed(), 10)
+        raise Refused(str(ws.close_code))
     return frame
 
 
@@ -83,7 +92,8 @@ async def normal_user(port: int, sender: str, reader: str, room: int, seconds: f
     """The user who must not notice the flood: send, ack, delivery, every `interval`."""
     stats = Latency()
     sent_at: dict[str, float] = {}
-    async with websockets.connect(url(port, sender)) as a, websockets.connect(url(port, reader)) as b:
+    async with websockets.connect(url(port, sender), local_addr=(NORMAL_ADDR, 0)) as a, \
+            websockets.connect(url(port, reader), local_addr=(NORMAL_ADDR, 0)) as b:
         await _hello(a)
         await _hello(b)
         await _join(a, room)
@@ -138,7 +148,7 @@ async def resume_flood(port: int, token: str, rooms: list[int], seconds: float) 
     """`resume` of every room (500) again and again, reading what comes back."""
     frame = json.dumps({"type": "resume", "rooms": {str(r): 0 for r in rooms}})
     counts: dict[str, int] = {}
-    async with websockets.connect(url(port, token), max_size=None) as ws:
+    async with websockets.connect(url(port, token), max_size=None, local_addr=(ATTACKER_ADDR, 0)) as ws:
         await _hello(ws)
 
         async def read() -> None:
@@ -172,7 +182,7 @@ def _masked_frame(payload: bytes) -> bytes:
 
 
 def _raw_socket(port: int, token: str, receive_buffer: int = 4096) -> socket.socket:
-    sock = socket.create_connection((HOST, port))
+    sock = socket.create_connection((HOST, port), source_address=(ATTACKER_ADDR, 0))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
@@ -226,11 +236,14 @@ async def big_frames(port: int, token: str, seconds: float, size: int = 1 << 20)
     while time.monotonic() < deadline and attempts < 1000:
         attempts += 1
         try:
-            async with websockets.connect(url(port, token), max_size=None) as ws:
+            async with websockets.connect(url(port, token), max_size=None, local_addr=(ATTACKER_ADDR, 0)) as ws:
                 await _hello(ws)
                 await ws.send(payload)
                 await asyncio.wait_for(ws.wait_closed(), 10)
                 code = str(ws.close_code)
+        except Refused as exc:
+            code = f"refused {exc}"
+            await asyncio.sleep(0.1)  # told to retry later: a persistent attacker does, soon
         except (OSError, websockets.WebSocketException, TimeoutError) as exc:
             code = type(exc).__name__
         codes[code] = codes.get(code, 0) + 1
@@ -244,7 +257,7 @@ async def many_sockets(port: int, token: str, seconds: float, count: int = 200) 
 
     async def one() -> None:
         try:
-            ws = await websockets.connect(url(port, token))
+            ws = await websockets.connect(url(port, token), local_addr=(ATTACKER_ADDR, 0))
             frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
             if frame["type"] == "hello":
                 held.append(ws)
@@ -268,7 +281,7 @@ async def invalid_frames(port: int, token: str, seconds: float) -> dict[str, Any
     garbage = ['{"type":', "[]", '{"type":"nope"}', '{"type":"send","room":"x"}', "\x00" * 50,
                '{"type":"join","room":1e400}', '{"type":"ping","ref":"\\ud800"}']
     codes: dict[str, int] = {}
-    async with websockets.connect(url(port, token)) as ws:
+    async with websockets.connect(url(port, token), local_addr=(ATTACKER_ADDR, 0)) as ws:
         await _hello(ws)
 
         async def read() -> None:
@@ -292,7 +305,7 @@ async def invalid_frames(port: int, token: str, seconds: float) -> dict[str, Any
 
 async def typing_flood(port: int, token: str, room: int, seconds: float) -> dict[str, Any]:
     """`typing` in the normal users' room as fast as the rate limit allows."""
-    async with websockets.connect(url(port, token)) as ws:
+    async with websockets.connect(url(port, token), local_addr=(ATTACKER_ADDR, 0)) as ws:
         await _hello(ws)
         await _join(ws, room)
         deadline = time.monotonic() + seconds
@@ -315,7 +328,8 @@ async def handshake_storm(port: int, seconds: float, concurrency: int = 20) -> d
         while time.monotonic() < deadline and attempts < 20_000:
             attempts += 1
             try:
-                async with websockets.connect(url(port, secrets.token_urlsafe(32))) as ws:
+                random_token = url(port, secrets.token_urlsafe(32))
+                async with websockets.connect(random_token, local_addr=(ATTACKER_ADDR, 0)) as ws:
                     await asyncio.wait_for(ws.wait_closed(), 10)
                     code = str(ws.close_code)
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:

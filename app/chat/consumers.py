@@ -20,6 +20,7 @@ writing, rooms per connection, concurrent catch-ups, typing and read fan-out per
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -103,6 +104,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await handler(message)
         except StopConsumer:
             pass
+        finally:
+            # Cancelled without a disconnect event (a server giving up on the application):
+            # the socket must still leave the process's books, or its user's cap fills up.
+            if self._forget() and self.rooms:
+                with contextlib.suppress(RuntimeError):  # the loop itself is closing: nothing left
+                    asyncio.get_running_loop().create_task(self._detach_all())
 
     # --- connection lifecycle ------------------------------------------------------------------
 
@@ -166,9 +173,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             }
         )
 
-    async def disconnect(self, code: int) -> None:
+    def _forget(self) -> bool:
+        """Leave the process's books (synchronous: also runs when the consumer is cancelled).
+        True the first time, when there was something to forget."""
         if not self.admitted:
-            return
+            return False
         self.admitted = False
         self.closing = True
         STATE.remove(self, self.user_id)
@@ -178,6 +187,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.writer.cancel()
         for task in list(self.tasks or ()):
             task.cancel()
+        return True
+
+    async def disconnect(self, code: int) -> None:
+        if self._forget():
+            await self._detach_all()
+
+    async def _detach_all(self) -> None:
         for room in list(self.rooms):
             try:
                 await self._detach(room)

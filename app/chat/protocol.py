@@ -22,6 +22,7 @@ SCHEMA_PATH = Path(__file__).parent / "schema" / "client_frames.json"
 # C0 controls and DEL, except tab and newline: invisible in every client, and NUL is refused by
 # PostgreSQL text columns (a DataError that would fail a whole batch of other users' messages).
 FORBIDDEN_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+INTEGER_FIELDS = ("room", "seq", "limit", "before_seq")
 CLIENT_TYPES = ("join", "leave", "send", "typing", "read", "history", "resume", "ping")
 
 
@@ -113,11 +114,22 @@ def parse(text: str) -> dict[str, Any]:
     try:
         _fast_check(frame_type)(frame)
     except fastjsonschema.JsonSchemaException as fast_error:
-        error = next(iter(sorted(_explainer(frame_type).iter_errors(frame), key=lambda e: e.path)), None)
-        if error is None:
-            raise ProtocolError(ErrorCode.INVALID_FRAME, fast_error.message, ref) from None
-        where = "/".join(str(p) for p in error.absolute_path) or "frame"
-        raise ProtocolError(ErrorCode.INVALID_FRAME, f"{where}: {error.message}", ref) from None
+        try:
+            error = next(iter(sorted(_explainer(frame_type).iter_errors(frame), key=lambda e: e.path)), None)
+            where = "/".join(str(p) for p in error.absolute_path) or "frame" if error is not None else ""
+            message = f"{where}: {error.message}" if error is not None else fast_error.message
+        except RecursionError:
+            # json.loads took a deeply nested value; describing it (repr) would not.
+            message = "a field is nested too deeply"
+        raise ProtocolError(ErrorCode.INVALID_FRAME, message, ref) from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.INVALID_FRAME, "a field is nested too deeply", ref) from None
+    for name in INTEGER_FIELDS:
+        # JSON Schema draft-07 counts 10.0 as an integer; Python does not (slices, ids).
+        if name in frame and type(frame[name]) is not int:
+            raise ProtocolError(ErrorCode.INVALID_FRAME, f"{name}: must be an integer without a fraction", ref)
+    if frame_type == "resume" and any(type(seq) is not int for seq in frame["rooms"].values()):
+        raise ProtocolError(ErrorCode.INVALID_FRAME, "rooms: seqs must be integers without a fraction", ref)
     if "\\u" in text and not _encodable(frame):
         # A lone surrogate ("\\ud800") decodes to a str that cannot become UTF-8 again: it
         # could be neither stored nor echoed back.
