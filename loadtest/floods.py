@@ -292,15 +292,18 @@ async def invalid_frames(port: int, token: str, seconds: float) -> dict[str, Any
         reader = asyncio.create_task(read())
         deadline = time.monotonic() + seconds
         sent = 0
-        while time.monotonic() < deadline and sent < MAX_OPERATIONS:
-            await ws.send(garbage[sent % len(garbage)])
-            sent += 1
-            if sent % 50 == 0:
-                await asyncio.sleep(0.001)
-        await asyncio.sleep(0.5)
+        try:
+            while time.monotonic() < deadline and sent < MAX_OPERATIONS:
+                await ws.send(garbage[sent % len(garbage)])
+                sent += 1
+                if sent % 50 == 0:
+                    await asyncio.sleep(0.001)
+            await asyncio.sleep(0.5)
+        except websockets.ConnectionClosed:
+            pass  # cut off for flooding
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
-    return {"frames": sent, "answers": codes}
+    return {"frames": sent, "answers": codes, "closed": ws.close_code}
 
 
 async def typing_flood(port: int, token: str, room: int, seconds: float) -> dict[str, Any]:

@@ -612,8 +612,18 @@ async def test_daphne_stops_reading_a_socket_whose_frames_pile_up():
         def resumeProducing(self) -> None:
             self.paused = False
 
-    transport = Transport()
-    inbox = ApplicationInbox(transport, limit=8)
+    class Protocol:
+        failed: int | None = None
+
+        def __init__(self) -> None:
+            self.transport = Transport()
+
+        def _fail_connection(self, code: int, reason: str) -> None:
+            self.failed = code
+
+    protocol = Protocol()
+    transport = protocol.transport
+    inbox = ApplicationInbox(protocol, limit=8)
     for n in range(7):
         inbox.put_nowait({"type": "websocket.receive", "text": str(n)})
     assert not transport.paused
@@ -625,6 +635,16 @@ async def test_daphne_stops_reading_a_socket_whose_frames_pile_up():
     await inbox.get()
     assert not transport.paused
     assert [(await inbox.get())["text"] for _ in range(4)] == ["4", "5", "6", "7"]  # nothing lost
+    assert protocol.failed is None
+    # Frames already read keep coming while reading is paused: a client that keeps the inbox at
+    # four times its bound is flooding and is cut off (1008)...
+    for n in range(32):
+        inbox.put_nowait({"type": "websocket.receive", "text": str(n)})
+    assert transport.paused and protocol.failed == 1008
+    # ...through the autobahn method of that name, present at the pinned version.
+    from autobahn.websocket.protocol import WebSocketProtocol
+
+    assert callable(WebSocketProtocol._fail_connection)
 
 
 def test_the_servers_read_frames_only_up_to_the_protocols_own_limit():

@@ -50,6 +50,12 @@ HANDSHAKE_ONLY = (
 )
 
 
+# Events queued beyond the inbox limit, as a multiple of it, before a flooding client is cut off.
+OVERFLOW_FACTOR = 4
+# WebSocket "policy violation": the client broke the rules (docs/protocol.md, close codes).
+CLOSE_FLOODING = 1008
+
+
 class ApplicationInbox:
     """The ASGI `receive()` of one connection: Daphne puts events, one application task gets them.
 
@@ -58,12 +64,12 @@ class ApplicationInbox:
     read and decode frames into memory as fast as a hostile client sends them.
     """
 
-    __slots__ = ("_items", "_paused", "_waiter", "limit", "transport")
+    __slots__ = ("_items", "_paused", "_waiter", "limit", "protocol")
 
-    def __init__(self, transport: Any = None, limit: int = 0) -> None:
+    def __init__(self, protocol: Any = None, limit: int = 0) -> None:
         self._items: deque[dict[str, Any]] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self.transport = transport
+        self.protocol = protocol
         self.limit = limit
         self._paused = False
 
@@ -71,9 +77,15 @@ class ApplicationInbox:
         if self._items is None:
             self._items = deque()
         self._items.append(item)
-        if self.limit and not self._paused and len(self._items) >= self.limit and self.transport is not None:
-            self._paused = True
-            self.transport.pauseProducing()
+        if self.limit and len(self._items) >= self.limit and self.protocol is not None:
+            if not self._paused:
+                self._paused = True
+                self.protocol.transport.pauseProducing()
+            elif len(self._items) >= self.limit * OVERFLOW_FACTOR:
+                # Pausing stops new reads, but autobahn still parses every frame of the data
+                # already read (up to 64 KB: thousands of tiny frames, hundreds of ms of this
+                # event loop). A client that keeps the inbox this full is flooding: cut it off.
+                self.protocol._fail_connection(CLOSE_FLOODING, "client sends frames faster than they are served")
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -92,7 +104,7 @@ class ApplicationInbox:
         item = items.popleft()
         if self._paused and len(items) <= self.limit // 2:
             self._paused = False
-            self.transport.resumeProducing()
+            self.protocol.transport.resumeProducing()
         if not items:
             self._items = None
         return item
@@ -197,8 +209,7 @@ class LeanServer(Server):
     def create_application(self, protocol: Any, scope: dict[str, Any]) -> ApplicationInbox | None:
         # Daphne's own create_application, with ApplicationInbox in place of asyncio.Queue.
         assert "application_instance" not in self.connections[protocol]
-        transport = getattr(protocol, "transport", None) if scope.get("type") == "websocket" else None
-        inbox = ApplicationInbox(transport, CONFIG.inbox_frames)
+        inbox = ApplicationInbox(protocol if scope.get("type") == "websocket" else None, CONFIG.inbox_frames)
         scope.setdefault("asgi", {"version": "3.0"})
         instance = self.application(scope=scope, receive=inbox.get, send=partial(self.handle_reply, protocol))
         if protocol not in self.connections:
