@@ -69,6 +69,7 @@ class Cursor:
     # When this connection last fanned out `typing` / `read` in the room (monotonic seconds).
     typed_at: float = -1e9
     read_at: float = -1e9
+    read_seq: int | None = None  # a marker waiting for the end of the read interval
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -607,10 +608,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
         room = frame["room"]
         cursor = self._joined(room)
         seq = await database_sync_to_async(services.mark_read)(self.user_id, room, frame["seq"])
-        now = time.monotonic()
-        if now - cursor.read_at < CONFIG.read_interval:
-            return  # stored; the next marker (or this one, moments ago) tells the room
-        cursor.read_at = now
+        wait = cursor.read_at + CONFIG.read_interval - time.monotonic()
+        if wait > 0:
+            # Coalesced, not dropped: the room hears the latest marker once the interval is over.
+            if cursor.read_seq is None:
+                asyncio.get_running_loop().call_later(wait, self._spawn_read, room, cursor)
+            cursor.read_seq = seq
+            return
+        await self._publish_read(room, cursor, seq)
+
+    def _spawn_read(self, room: int, cursor: Cursor) -> None:
+        seq, cursor.read_seq = cursor.read_seq, None
+        if seq is not None and self.rooms.get(room) is cursor and not self.closing:
+            self._spawn(self._publish_read(room, cursor, seq))
+
+    async def _publish_read(self, room: int, cursor: Cursor, seq: int) -> None:
+        cursor.read_at = time.monotonic()
         await fanout.publish(room, None, dumps({"type": "read", "room": room, "user": self._me(), "seq": seq}))
 
     async def on_history(self, frame: dict[str, Any], ref: str | None) -> None:

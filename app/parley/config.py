@@ -165,15 +165,16 @@ class Config:
 
     @property
     def origins(self) -> list[str]:
-        """Allowed browser origins: the explicit list, else each named host on http and https.
+        """Allowed browser origins: the explicit list, else each named host of ALLOWED_HOSTS
+        (as Channels' OriginValidator reads a bare host: that host, any scheme and port;
+        `.example.com`: it and its subdomains).
 
         A wildcard host never becomes an origin: with `*` (what a pod behind an ingress often
         needs for probes) any site could open a socket with the user's cookie.
         """
         if self.allowed_origins:
             return self.allowed_origins
-        named = [h for h in self.allowed_hosts if h and "*" not in h and not h.startswith(".")]
-        return [f"{scheme}://{host}" for host in named for scheme in ("http", "https")]
+        return [h for h in self.allowed_hosts if h and "*" not in h]
 
     def key(self, name: str) -> str:
         """A Redis key or topic of this platform: every key is namespaced by the channel prefix,
