@@ -11,6 +11,7 @@ from typing import Any
 from asgiref.compatibility import guarantee_single_callable
 from channels.worker import Worker
 from prometheus_client import start_http_server
+from redis.exceptions import RedisError
 
 from chat import metrics
 from chat.process import ensure_heartbeat
@@ -22,6 +23,12 @@ log = logging.getLogger(__name__)
 # Messages handed to the application but not yet taken: beyond this the worker stops pulling,
 # leaving work in Redis where the operator can see it (and another worker can take it).
 MAX_LOCAL_BACKLOG = 200
+# A crashed listener is restarted after a pause: short, so a passing fault costs little work
+# time; growing to a few seconds, so a fault that repeats does not spin a core or flood the log.
+# A listener that ran this long before failing starts again from the short pause.
+LISTENER_RESTART_MIN_SECONDS = 0.05
+LISTENER_RESTART_MAX_SECONDS = 5.0
+LISTENER_HEALTHY_SECONDS = 30.0
 
 
 class QueueDepthProbe:
@@ -49,9 +56,16 @@ class ParleyWorker(Worker):
         log.info("worker consuming %s", ", ".join(self.channels))
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
+
+        def stop_on(sig: signal.Signals) -> None:
+            log.info("worker got %s: stopping", sig.name)
+            stopping.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        listeners = [loop.create_task(self.listener(channel)) for channel in self.channels]
+            loop.add_signal_handler(sig, stop_on, sig)
+        listeners = [
+            loop.create_task(self.supervised(channel), name=f"parley-listener-{channel}") for channel in self.channels
+        ]
         stop = loop.create_task(stopping.wait())
         await asyncio.wait([*listeners, stop], return_when=asyncio.FIRST_COMPLETED)
         # Stop taking work first, then finish what was taken: on a scale-down or rollout the
@@ -60,10 +74,34 @@ class ParleyWorker(Worker):
             listener.cancel()
         await asyncio.gather(*listeners, return_exceptions=True)
         await self.finish_in_hand(CONFIG.drain_seconds)
-        for listener in listeners:
-            if not listener.cancelled() and listener.exception() is not None:
-                raise listener.exception()  # a crashed listener (e.g. Redis gone for good)
         stop.cancel()
+
+    async def supervised(self, channel: str) -> None:
+        """Run the listener of `channel`, restarting it after anything but our own cancellation.
+
+        A listener that ended quietly used to end the whole worker: redis-py can surface a
+        CancelledError that nobody asked for (a connection torn down under a blocking read),
+        and the worker then stopped consuming while its process stayed up and looked healthy.
+        Redis outages are already waited out inside `receive`; what reaches here is logged with
+        its cause and retried after a pause that grows while the failures repeat.
+        """
+        task = asyncio.current_task()
+        delay = LISTENER_RESTART_MIN_SECONDS
+        while True:
+            started = time.monotonic()
+            try:
+                await self.listener(channel)
+                log.error("listener of %s returned; restarting it", channel)
+            except asyncio.CancelledError:
+                if task is not None and task.cancelling():
+                    raise  # the worker is stopping
+                log.error("listener of %s was cancelled by something other than a stop; restarting it", channel)
+            except Exception:
+                log.exception("listener of %s crashed; restarting it in %.1fs", channel, delay)
+            if time.monotonic() - started > LISTENER_HEALTHY_SECONDS:
+                delay = LISTENER_RESTART_MIN_SECONDS
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LISTENER_RESTART_MAX_SECONDS)
 
     async def finish_in_hand(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -103,7 +141,11 @@ class ParleyWorker(Worker):
         """
         while True:
             messages = [await self.channel_layer.receive(channel)]
-            messages += await receive_ready(channel, CONFIG.batch_max - 1)
+            try:
+                messages += await receive_ready(channel, CONFIG.batch_max - 1)
+            except RedisError as exc:
+                # The message in hand is already off Redis: store it now, take the rest next time.
+                log.warning("taking more of %s failed (%s); storing the one in hand", channel, exc)
             await batcher().add_many([m for m in messages if m.get("type") == "persist.message"])
 
     def get_or_create_application_instance(self, scope_id: str, scope: dict) -> asyncio.Queue:
