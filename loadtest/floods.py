@@ -169,7 +169,8 @@ async def resume_flood(port: int, token: str, rooms: list[int], seconds: float) 
     return {"resumes_sent": sent, "answers": counts}
 
 
-def _masked_frame(payload: bytes) -> bytes:
+def masked_frame(payload: bytes) -> bytes:
+    """A masked text frame of any length, as RFC 6455 requires from clients."""
     mask = os.urandom(4)
     length = len(payload)
     if length < 126:
@@ -181,12 +182,16 @@ def _masked_frame(payload: bytes) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-def _raw_socket(port: int, token: str, receive_buffer: int = 4096) -> socket.socket:
-    sock = socket.create_connection((HOST, port), source_address=(ATTACKER_ADDR, 0))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+def raw_websocket(port: int, path: str, receive_buffer: int | None = 4096,
+                  source: str | None = None) -> socket.socket:
+    """A WebSocket opened by hand: a client that can stop reading (a tiny receive buffer fills
+    sooner, and also keeps the TCP window small for the socket's life; None keeps the default)."""
+    sock = socket.create_connection((HOST, port), source_address=(source, 0) if source else None)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
-        f"GET /ws/?token={token} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
     )
     response = b""
@@ -201,8 +206,8 @@ def _raw_socket(port: int, token: str, receive_buffer: int = 4096) -> socket.soc
 
 
 def _nonreader(port: int, token: str, room: int, seconds: float) -> dict[str, Any]:
-    sock = _raw_socket(port, token)
-    request = _masked_frame(json.dumps({"type": "history", "room": room, "limit": 200}).encode())
+    sock = raw_websocket(port, f"/ws/?token={token}", source=ATTACKER_ADDR)
+    request = masked_frame(json.dumps({"type": "history", "room": room, "limit": 200}).encode())
     sent = 0
     closed_after = None
     deadline = time.monotonic() + seconds

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import socket
 import time
 import urllib.request
@@ -17,6 +15,10 @@ from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 
 from chat.tokens import create_token
+
+# The hand-made WebSocket clients are the load harness's; the tests use the same ones.
+from loadtest.floods import masked_frame as client_frame  # noqa: F401
+from loadtest.floods import raw_websocket  # noqa: F401
 
 
 def fetch(url: str) -> str:
@@ -81,34 +83,6 @@ class WsClient:
 
 def messages_in(frames: list[dict[str, Any]], room: int) -> list[int]:
     return [f["seq"] for f in frames if f["type"] == "message" and f["room"] == room]
-
-
-def raw_websocket(port: int, path: str, receive_buffer: int | None = 4096) -> socket.socket:
-    """A WebSocket opened by hand: a client that can stop reading (a tiny receive buffer fills
-    sooner, and also keeps the TCP window small for the socket's life; None keeps the default)."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    if receive_buffer is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    response = b""
-    while b"\r\n\r\n" not in response:
-        chunk = sock.recv(1)
-        if not chunk:
-            raise ConnectionError(f"handshake cut off: {response!r}")
-        response += chunk
-    if not response.startswith(b"HTTP/1.1 101"):
-        raise ConnectionError(f"handshake refused: {response!r}")
-    return sock
-
-
-def client_frame(payload: bytes) -> bytes:
-    """A masked text frame, as RFC 6455 requires from clients (payload < 126 bytes)."""
-    mask = os.urandom(4)
-    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 def read_for(sock: socket.socket, seconds: float) -> bytes:

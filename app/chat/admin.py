@@ -27,22 +27,19 @@ log = logging.getLogger(__name__)
 MAX_COMMAND_BYTES = 64
 COMMAND_TIMEOUT = 5.0
 
+# Held for the life of the process (the listener must not be collected).
 _server: asyncio.AbstractServer | None = None
-_starting = False
-_started_once = False
 # Only a server process (parley.daphne_server, parley.uvicorn_server) listens; the application
 # loaded anywhere else (tests, management commands) opens no socket and no port.
 _enabled = False
+# Started (or tried) once per process: a listener that could not start is logged once, not
+# retried on every request.
+_started = False
 
 
 def enable() -> None:
     global _enabled
     _enabled = True
-
-
-def _mark_started() -> None:
-    global _started_once
-    _started_once = True
 
 
 def _status() -> dict[str, object]:
@@ -93,7 +90,7 @@ def _remove_stale(path: str) -> None:
 
 
 async def _start() -> None:
-    global _server, _starting
+    global _server
     path = CONFIG.admin_socket
     try:
         await asyncio.to_thread(_remove_stale, path)
@@ -102,8 +99,6 @@ async def _start() -> None:
         log.info("admin listener on %s", path)
     except OSError as exc:
         log.error("admin listener not started on %s: %s (parley drain will not reach this process)", path, exc)
-    finally:
-        _starting = False
 
 
 def _start_metrics() -> None:
@@ -119,13 +114,11 @@ def _start_metrics() -> None:
 
 def ensure_started() -> None:
     """Start the listener (and the metrics port) once (on the first request of a server)."""
-    global _starting
-    if not _enabled or _server is not None or _starting:
+    global _started
+    if not _enabled or _started:
         return
-    if not _started_once:
-        _mark_started()
-        _start_metrics()
-    _starting = True
+    _started = True
+    _start_metrics()
     task = asyncio.get_running_loop().create_task(_start(), name="parley-admin")
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
 

@@ -440,7 +440,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         return cursors
 
     async def _arrive_many(self, rooms: list[int]) -> None:
-        """Presence of a `resume`: one pipelined round trip per shard, not two per room."""
+        """Presence of a `join` or `resume`: one pipelined round trip per shard, not two per room."""
         first = [room for room in rooms if PRESENCE.arrive(room, self.user_id, self.username)]
         if not first:
             return
@@ -450,17 +450,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             (room, None, dumps({"type": "presence", "room": room, "user": me, "status": "online"})) for room in first
         )
 
-    async def _arrive(self, room: int) -> None:
-        if PRESENCE.arrive(room, self.user_id, self.username):
-            await self._announce_presence(room, "online")
-
     async def _detach(self, room: int) -> None:
         if self.rooms.pop(room, None) is None:
             return
         await self.bus.leave(room, self)
         if PRESENCE.depart(room, self.user_id):
             await PRESENCE.mark_offline(room, self.user_id, self.username)
-            await self._announce_presence(room, "offline")
+            frame = {"type": "presence", "room": room, "user": self._me(), "status": "offline"}
+            await fanout.publish(room, None, dumps(frame))
 
     def remove_from_room(self, room: int, reason: str) -> None:
         """The user lost the membership (left over HTTP, removed by the room's creator)."""
@@ -468,12 +465,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.push({"type": "left", "room": room, "reason": reason, "ref": None})
         self._spawn(self._detach(room))
-
-    async def _announce_presence(self, room: int, status: str) -> None:
-        if status == "online":
-            await PRESENCE.mark_online(room, self.user_id, self.username)
-        frame = {"type": "presence", "room": room, "user": self._me(), "status": status}
-        await fanout.publish(room, None, dumps(frame))
 
     def _me(self) -> dict[str, Any]:
         return {"id": self.user_id, "username": self.username}
@@ -542,7 +533,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         cursors = await self._attach_many({room: None}, ref)
         if room in cursors:
             self._release(room, cursors[room])
-            await self._arrive(room)
+            await self._arrive_many([room])
 
     async def _push_joined(self, room: int, info: dict[str, Any], ref: str | None) -> None:
         self._push_joined_now(room, info, await PRESENCE.online(room), ref)

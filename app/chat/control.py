@@ -5,6 +5,8 @@ Published on `<prefix>:control` on shard 0, which every protocol process subscri
 
 - `{"kick_user": <user id>}`: all of the user's sockets (logout everywhere, deactivation).
 - `{"kick_token": "<sha256 hex>"}`: the sockets authenticated with that token (logout).
+- `{"leave_room": <room>, "user": <user id>}`: the user's sockets stop receiving the room (left
+  over HTTP, removed by the room's creator).
 
 The change itself is already in the database when this is sent, so a Redis outage costs only
 the immediacy: it is logged, and the sockets lose their rights at their next handshake.

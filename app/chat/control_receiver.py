@@ -17,30 +17,10 @@ import logging
 from typing import Any
 
 from chat import tokens
-from chat.keys import control_topic
 from chat.process import STATE
 from chat.protocol import CloseCode
-from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
-
-
-def publish_sync(command: dict[str, Any]) -> None:
-    """Send a control command to every protocol process (from synchronous code: HTTP views,
-    signals). Every process subscribes to the control topic on every shard; shard 0 carries it.
-    A Redis outage is logged: the change itself is already in the database (live sockets then
-    notice at their next reconnect, when membership and tokens are checked again)."""
-    import json
-
-    import redis
-
-    client = redis.Redis.from_url(CONFIG.redis_urls[0], socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.publish(control_topic(), json.dumps(command))
-    except redis.RedisError as exc:
-        log.warning("control command %s not published: %s", sorted(command), type(exc).__name__)
-    finally:
-        client.close()
 
 
 def _int(value: Any) -> int | None:

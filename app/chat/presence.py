@@ -61,10 +61,6 @@ class PresenceBook:
     def _ttl() -> float:
         return CONFIG.heartbeat_ttl
 
-    async def mark_online(self, room: int, user: int, username: str) -> None:
-        member = _member(user, username)
-        await client_for(_shard_key(room)).zadd(presence_key(room), {member: time.time() + self._ttl()})
-
     async def mark_online_many(self, rooms: list[int], user: int, username: str) -> None:
         member = {_member(user, username): time.time() + self._ttl()}
         by_shard: dict[int, list[int]] = {}

@@ -64,29 +64,9 @@ def room_dict(room: Room, user_id: int | None = None) -> dict[str, Any]:
 # --- rooms and membership ---------------------------------------------------------------------
 
 
-def can_join(room: Room, user_id: int) -> bool:
-    if Membership.objects.filter(room=room, user_id=user_id).exists():
-        return True
-    return room.kind == Room.Kind.GROUP and not room.private
-
-
-def join_room(user_id: int, room_id: int) -> dict[str, Any]:
-    """Make the user a member if the room allows it; return the room as the user sees it."""
-    room = Room.objects.filter(pk=room_id).first()
-    if room is None:
-        raise ProtocolError(ErrorCode.NOT_FOUND, f"room {room_id} does not exist")
-    membership = Membership.objects.filter(room=room, user_id=user_id).first()
-    if membership is None:
-        if not can_join(room, user_id):
-            raise ProtocolError(ErrorCode.FORBIDDEN, f"you are not a member of room {room_id}")
-        membership, _ = Membership.objects.get_or_create(room=room, user_id=user_id)
-    data = room_dict(room, user_id)
-    data["last_read_seq"] = membership.last_read_seq
-    return data
-
-
 def join_rooms(user_id: int, room_ids: list[int]) -> dict[int, dict[str, Any] | ProtocolError]:
-    """`join_room` for many rooms in a fixed number of queries, whatever their count.
+    """Make the user a member of each room that allows it (public groups; DMs, bot chats and
+    private groups need an existing membership), in a fixed number of queries for any count.
 
     Rooms, the user's memberships and, for DMs and bot chats, the peer: three reads, and one
     insert for the public groups the user is joining for the first time. The answer per room is
@@ -132,10 +112,6 @@ def join_rooms(user_id: int, room_ids: list[int]) -> dict[int, dict[str, Any] | 
         data["last_read_seq"] = membership.last_read_seq if membership else 0
         answers[room_id] = data
     return answers
-
-
-def is_member(user_id: int, room_id: int) -> bool:
-    return Membership.objects.filter(room_id=room_id, user_id=user_id).exists()
 
 
 def leave_room(user_id: int, room_id: int) -> None:
@@ -258,16 +234,6 @@ def mark_read(user_id: int, room_id: int, seq: int) -> int:
 
 def _frames(queryset: Any) -> list[dict[str, Any]]:
     return [message_frame(m, m.sender.get_username() if m.sender else None) for m in queryset]
-
-
-def messages_after(room_id: int, after_seq: int, limit: int) -> list[dict[str, Any]]:
-    """Messages with seq > after_seq, oldest first, at most `limit`."""
-    rows = (
-        Message.objects.filter(room_id=room_id, seq__gt=after_seq)
-        .select_related("sender")
-        .order_by("seq")[:limit]
-    )
-    return _frames(rows)
 
 
 def messages_after_many(after: dict[int, int], limit: int) -> dict[int, list[dict[str, Any]]]:

@@ -15,7 +15,7 @@ from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from chat import services, throttle
-from chat.control_receiver import publish_sync as publish_control
+from chat.control import publish_sync as publish_control
 from chat.http_auth import api_view, csrf_rejected, error, json_body, rate_limited
 from chat.protocol import ErrorCode, ProtocolError, check_text
 from chat.tokens import create_token, revoke_all, revoke_token
