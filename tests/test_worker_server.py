@@ -62,7 +62,8 @@ async def _send_twice_through(fault: BaseException, caplog: pytest.LogCaptureFix
             assert ack["type"] == "ack" and ack["seq"] == n, ack
         assert faults["left"] == 0, "the fault was never injected: this test tested nothing"
         assert not task.done(), "the worker stopped"
-        stored = await database_sync_to_async(lambda: list(Message.objects.filter(room=room).values_list("body", flat=True)))()
+        bodies = Message.objects.filter(room=room).values_list("body", flat=True)
+        stored = await database_sync_to_async(list)(bodies)
         assert sorted(stored) == ["m1", "m2"]
         assert any("listener of chat.persist" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
         await comm.disconnect()
