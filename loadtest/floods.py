@@ -69,6 +69,14 @@ class Refused(Exception):
     """The server answered the handshake with an error frame (and closes with a code)."""
 
 
+def failure_name(exc: BaseException) -> str:
+    """How an attempt ended, for the report: `refused 403` for a handshake refused before the
+    upgrade (an address over its handshake rate), else the exception's class."""
+    if isinstance(exc, websockets.InvalidStatus):
+        return f"refused {exc.response.status_code}"
+    return type(exc).__name__
+
+
 async def _hello(ws: Any) -> dict[str, Any]:
     frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
     if frame.get("type") != "hello":
@@ -250,7 +258,7 @@ async def big_frames(port: int, token: str, seconds: float, size: int = 1 << 20)
             code = f"refused {exc}"
             await asyncio.sleep(0.1)  # told to retry later: a persistent attacker does, soon
         except (OSError, websockets.WebSocketException, TimeoutError) as exc:
-            code = type(exc).__name__
+            code = failure_name(exc)
         codes[code] = codes.get(code, 0) + 1
     return {"frames": attempts, "close_codes": codes}
 
@@ -271,7 +279,7 @@ async def many_sockets(port: int, token: str, seconds: float, count: int = 200) 
                 await asyncio.wait_for(ws.wait_closed(), 10)
                 key = f"closed {ws.close_code}"
         except (OSError, websockets.WebSocketException, TimeoutError) as exc:
-            key = type(exc).__name__
+            key = failure_name(exc)
         outcome[key] = outcome.get(key, 0) + 1
 
     await asyncio.gather(*(one() for _ in range(count)))
@@ -341,7 +349,7 @@ async def handshake_storm(port: int, seconds: float, concurrency: int = 20) -> d
                     await asyncio.wait_for(ws.wait_closed(), 10)
                     code = str(ws.close_code)
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
-                code = type(exc).__name__
+                code = failure_name(exc)
             codes[code] = codes.get(code, 0) + 1
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -8,8 +8,9 @@ consumer, so clients can tell "log in again" from a network failure.
 
 Before any of that, every handshake takes a token from its client address's bucket
 (`chat.throttle.HANDSHAKES`): over `PARLEY_HANDSHAKES_PER_SECOND` the socket is accepted, told
-`rate_limited` and closed with 4029, without a query. Token lookups are cached briefly
-(`chat.tokens`), found or not.
+`rate_limited` and closed with 4029, without a query; further handshakes from that address in
+the same second are refused before the upgrade (HTTP 403), the cheapest answer a storm can get.
+Token lookups are cached briefly (`chat.tokens`), found or not.
 """
 
 from __future__ import annotations
@@ -109,8 +110,11 @@ class TokenOrSessionAuth:
             # Same answer as an unknown HTTP path would get: refuse the handshake.
             return await WebsocketDenier()(scope, receive, send)
         client = scope.get("client")
-        if not throttle.HANDSHAKES.allow(client[0] if client else None):
+        verdict = throttle.HANDSHAKES.check(client[0] if client else None)
+        if verdict is throttle.Verdict.EXPLAIN:
             return await refuse_handshake(receive, send)
+        if verdict is throttle.Verdict.REJECT:
+            return await WebsocketDenier()(scope, receive, send)
         key = token_from_scope(scope)
         if key is not None:
             user = await database_sync_to_async(socket_user_for_token)(key)
