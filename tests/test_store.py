@@ -1,21 +1,47 @@
-"""store_batch: what each message of a mixed batch becomes, and the seqs it gets."""
+"""store_batch: what each message of a mixed batch becomes, and the seqs it gets.
+
+Every test runs against both store paths: the ORM one (`chat.services.store_batch`, SQLite's)
+and the worker's async PostgreSQL one (`chat.store_pg`), which must give the same answers.
+"""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+from collections.abc import Callable, Iterator
 
+import pytest
+from django.db import connection
+
+from chat import services
 from chat.models import Bot, Message, Room
-from chat.services import create_group, open_dm, store_batch
+from chat.services import create_group, open_dm
 from tests.helpers import make_user
 
-pytestmark = pytest.mark.django_db
+# Committed data: the PostgreSQL path reads with a connection of its own.
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(params=["orm", "store_pg"])
+def store_batch(request: pytest.FixtureRequest) -> Iterator[Callable[[list[dict]], list[services.Outcome]]]:
+    if request.param == "orm":
+        yield services.store_batch
+        return
+    if connection.vendor != "postgresql":
+        pytest.skip("the async store path is PostgreSQL's")
+    from chat.store_pg import PgStore, conninfo_from_django
+
+    loop = asyncio.new_event_loop()
+    store = PgStore(conninfo_from_django())
+    yield lambda items: loop.run_until_complete(store.store_batch(items))
+    loop.run_until_complete(store.close())
+    loop.close()
 
 
 def item(room: int, sender: int, client_msg_id: str, body: str = "hi") -> dict:
     return {"room": room, "sender": sender, "body": body, "client_msg_id": client_msg_id}
 
 
-def test_a_mixed_batch_gets_one_outcome_per_message_in_order():
+def test_a_mixed_batch_gets_one_outcome_per_message_in_order(store_batch):
     alice, _ = make_user("alice")
     bob, _ = make_user("bob")
     first = create_group(alice, "first", False)
@@ -50,7 +76,7 @@ def test_a_mixed_batch_gets_one_outcome_per_message_in_order():
     assert Message.objects.count() == 4
 
 
-def test_consecutive_batches_continue_the_room_seq_without_gaps():
+def test_consecutive_batches_continue_the_room_seq_without_gaps(store_batch):
     alice, _ = make_user("alice")
     room = create_group(alice, "team", False)
     for batch in range(3):
@@ -59,7 +85,7 @@ def test_consecutive_batches_continue_the_room_seq_without_gaps():
     assert seqs == list(range(1, 13))
 
 
-def test_a_message_to_a_bot_asks_the_bot_to_answer_and_the_bots_own_does_not():
+def test_a_message_to_a_bot_asks_the_bot_to_answer_and_the_bots_own_does_not(store_batch):
     alice, _ = make_user("alice")
     helper, _ = make_user("helpbot")
     bot = Bot.objects.create(user=helper)
@@ -70,3 +96,34 @@ def test_a_message_to_a_bot_asks_the_bot_to_answer_and_the_bots_own_does_not():
         "sender": alice.pk, "sender_name": "alice", "body": "help",
     }
     assert outcomes[1].status == "stored" and outcomes[1].bot_job is None
+
+
+def test_a_stored_message_reads_back_as_the_very_frame_that_was_fanned_out(store_batch):
+    alice, _ = make_user("alice")
+    room = create_group(alice, "team", False)
+    [outcome] = store_batch([item(room.pk, alice.pk, "c1", "hello")])
+    stored = Message.objects.select_related("sender").get(room=room, seq=1)
+    # History and resume build frames from the row: a client must not see two sent_at values.
+    assert outcome.frame == services.message_frame(stored, "alice")
+    [retry] = store_batch([item(room.pk, alice.pk, "c1", "hello")])
+    assert retry.status == "duplicate" and retry.frame == outcome.frame
+
+
+def test_a_value_the_database_refuses_costs_only_its_own_message(store_batch):
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite stores NUL characters; PostgreSQL refuses them")
+    alice, _ = make_user("alice")
+    bob, _ = make_user("bob")
+    room = create_group(alice, "team", False)
+    room.memberships.create(user=bob)
+    outcomes = store_batch([
+        item(room.pk, alice.pk, "ok-1", "fine"),
+        item(room.pk, bob.pk, "poison", "a\x00b"),  # past the protocol's own check, e.g. an old client
+        item(room.pk, alice.pk, "ok-2", "fine too"),
+    ])
+    assert [(o.status, o.seq, o.code) for o in outcomes] == [
+        ("stored", 1, None), ("error", None, "invalid_frame"), ("stored", 2, None),
+    ]
+    assert list(Message.objects.filter(room=room).order_by("seq").values_list("body", flat=True)) == [
+        "fine", "fine too",
+    ]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -17,7 +15,10 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Q, Window
 from django.db.models.functions import RowNumber
+from django.utils import timezone
 
+from chat import batch_plan
+from chat.batch_plan import Outcome, Reserved, StoredMessage, user_ref
 from chat.models import Bot, Membership, Message, Room
 from chat.protocol import ErrorCode, ProtocolError
 
@@ -25,24 +26,14 @@ User = get_user_model()
 log = logging.getLogger(__name__)
 
 
-def user_ref(user_id: int | None, username: str | None) -> dict[str, Any] | None:
-    if user_id is None:
-        return None
-    return {"id": user_id, "username": username}
-
-
 def message_frame(message: Message, sender_username: str | None) -> dict[str, Any]:
-    """The one `message` frame shape, for live fan-out, resume and history alike."""
-    return {
-        "type": "message",
-        "room": message.room_id,
-        "seq": message.seq,
-        "sender": user_ref(message.sender_id, sender_username),
-        "body": message.body,
-        "kind": message.kind,
-        "sent_at": message.created_at.isoformat().replace("+00:00", "Z"),
-        "client_msg_id": message.client_msg_id,
-    }
+    """A stored message's `message` frame (the shape is `chat.batch_plan.message_frame`)."""
+    return batch_plan.message_frame(stored_message(message, sender_username))
+
+
+def stored_message(message: Message, sender_username: str | None) -> StoredMessage:
+    return StoredMessage(message.room_id, message.seq, message.sender_id, sender_username, message.body,
+                         message.kind, message.created_at, message.client_msg_id)
 
 
 def room_dict(room: Room, user_id: int | None = None) -> dict[str, Any]:
@@ -292,27 +283,15 @@ def history(
 # --- storing messages ---------------------------------------------------------------------------
 
 
-@dataclass
-class Outcome:
-    """What happened to one `persist.message`: stored, already stored, or refused."""
-
-    item: dict[str, Any]
-    status: str  # "stored" | "duplicate" | "error"
-    room: int | None = None
-    seq: int | None = None
-    frame: dict[str, Any] | None = None
-    code: ErrorCode | None = None
-    message: str = ""
-    bot_job: dict[str, Any] | None = field(default=None)
-
-
 # The database itself is unreachable or broken: every message of the batch may succeed on a
 # retry, so the batch fails as a whole (senders get `unavailable` and re-send).
 TRANSIENT_ERRORS = (OperationalError, InterfaceError)
 
 
 def store_batch(items: list[dict[str, Any]]) -> list[Outcome]:
-    """Store a batch of messages: dedupe retries, check membership, assign seqs, insert.
+    """Store a batch of messages through the ORM: dedupe retries, check membership, assign
+    seqs, insert. The worker's PostgreSQL path is `chat.store_pg`; this one serves SQLite
+    (`make run`) and callers outside the worker. The rules are `chat.batch_plan`'s.
 
     One transaction for the whole batch (rooms locked in id order so concurrent workers cannot
     deadlock). If anything about one item fails the batch (a concurrent worker stored the same
@@ -335,34 +314,23 @@ def store_batch(items: list[dict[str, Any]]) -> list[Outcome]:
         except TRANSIENT_ERRORS:
             raise
         except IntegrityError:
-            outcomes.extend(_store_readonly_duplicate(item))
+            # A concurrent worker stored this very retry between our dedupe and our insert.
+            outcomes.append(_stored_by_another(item))
         except Exception as exc:
             log.warning("message %r of user %r refused by the database: %s",
                         item.get("client_msg_id"), item.get("sender"), type(exc).__name__)
-            outcomes.append(Outcome(item, "error", code=ErrorCode.INVALID_FRAME,
-                                    message="the database refused this message; it will not be stored"))
+            outcomes.append(batch_plan.refused_by_database(item))
     return outcomes
 
 
-def _store_readonly_duplicate(item: dict[str, Any]) -> list[Outcome]:
-    existing = Message.objects.filter(sender_id=item["sender"], client_msg_id=item["client_msg_id"]).first()
-    if existing is None:
-        return [Outcome(item, "error", code=ErrorCode.INTERNAL, message="could not store the message")]
-    if existing.room_id != item["room"]:
-        return [_conflict(item, existing.room_id)]
-    return [Outcome(item, "duplicate", room=existing.room_id, seq=existing.seq)]
+def _stored_by_another(item: dict[str, Any]) -> Outcome:
+    found = Message.objects.filter(sender_id=item["sender"], client_msg_id=item["client_msg_id"]).values_list(
+        "room_id", "seq").first()
+    return batch_plan.stored_by_another(item, found)
 
 
-def _conflict(item: dict[str, Any], stored_room: int) -> Outcome:
-    # Acking it as the message of another room would tell the sender a message was stored
-    # that never was; the id must be new per message (docs/protocol.md).
-    return Outcome(item, "error", code=ErrorCode.CONFLICT,
-                   message=f"client_msg_id {item['client_msg_id']!r} is already used by your message in "
-                           f"room {stored_room}; use a new id for a new message")
-
-
-def _reserve_seqs(room_id: int, count: int) -> tuple[int, str, int | None] | None:
-    """Lock the room and take `count` seqs in one statement: (last seq taken, kind, bot id).
+def _reserve_seqs(room_id: int, count: int) -> Reserved | None:
+    """Lock the room and take `count` seqs in one statement.
 
     The row lock is held until the batch commits, so concurrent workers get consecutive,
     gap-free ranges. The ORM has no UPDATE ... RETURNING; PostgreSQL and SQLite >= 3.35 both do.
@@ -374,113 +342,48 @@ def _reserve_seqs(room_id: int, count: int) -> tuple[int, str, int | None] | Non
             [count, room_id],
         )
         row = cursor.fetchone()
-    return (int(row[0]), row[1], row[2]) if row else None
+    if row is None:
+        return None
+    last, kind, bot_id = int(row[0]), row[1], row[2]
+    bot_user = Bot.objects.filter(pk=bot_id).values_list("user_id", flat=True).first() if bot_id else None
+    return Reserved(last, kind, bot_id, bot_user)
 
 
 def _store(items: list[dict[str, Any]]) -> list[Outcome]:
     # Four statements for a batch in one room (dedupe, membership with usernames, seqs, insert):
     # statements, not rows, are what a batch of one costs.
-    outcomes: list[Outcome | None] = [None] * len(items)
-    senders = {item["sender"] for item in items}
-    room_ids = {item["room"] for item in items}
-
+    senders, client_ids = batch_plan.keys_of(items)
     existing = {
-        (m.sender_id, m.client_msg_id): m
-        for m in Message.objects.filter(
-            sender_id__in=senders, client_msg_id__in={i["client_msg_id"] for i in items}
-        ).select_related("sender")
+        (m.sender_id, m.client_msg_id): stored_message(m, m.sender.get_username() if m.sender else None)
+        for m in Message.objects.filter(sender_id__in=set(senders), client_msg_id__in=set(client_ids))
+        .select_related("sender")
     }
     usernames: dict[int, str] = {}
     members: set[tuple[int, int]] = set()
     # Members only, and only active users: a deactivated account's queued sends are refused.
     for room_id, user_id, username in Membership.objects.filter(
-        user_id__in=senders, room_id__in=room_ids, user__is_active=True
+        user_id__in=set(senders), room_id__in={item["room"] for item in items}, user__is_active=True
     ).values_list("room_id", "user_id", "user__username"):
         members.add((room_id, user_id))
         usernames[user_id] = username
 
-    seen: dict[tuple[int, str], int] = {}
-    per_room: dict[int, list[int]] = defaultdict(list)
-    refused: list[int] = []
-    for index, item in enumerate(items):
-        key = (item["sender"], item["client_msg_id"])
-        if key in existing and existing[key].room_id != item["room"]:
-            outcomes[index] = _conflict(item, existing[key].room_id)
-        elif key in existing:
-            found = existing[key]
-            sender_name = found.sender.get_username() if found.sender else None
-            outcomes[index] = Outcome(
-                item, "duplicate", room=found.room_id, seq=found.seq, frame=message_frame(found, sender_name)
-            )
-        elif key in seen and items[seen[key]]["room"] != item["room"]:
-            outcomes[index] = _conflict(item, items[seen[key]]["room"])
-        elif key in seen:
-            outcomes[index] = Outcome(item, "duplicate")  # filled in once the first copy has a seq
-        elif (item["room"], item["sender"]) not in members:
-            refused.append(index)
-        else:
-            seen[key] = index
-            per_room[item["room"]].append(index)
-
-    new_messages = []
-    bot_users: dict[int, int | None] = {}
-    room_kinds: dict[int, tuple[str, int | None]] = {}
-    for room_id in sorted(per_room):  # id order: concurrent workers lock rooms in the same order
-        reserved = _reserve_seqs(room_id, len(per_room[room_id]))
-        if reserved is None:  # deleted since the membership check
-            refused.extend(per_room[room_id])
-            continue
-        last, kind, bot_id = reserved
-        room_kinds[room_id] = (kind, bot_id)
-        for seq, index in enumerate(per_room[room_id], start=last - len(per_room[room_id]) + 1):
-            item = items[index]
-            message = Message(
-                room_id=room_id,
-                seq=seq,
-                sender_id=item["sender"],
-                body=item["body"],
-                kind=item.get("kind", Message.Kind.TEXT),
-                client_msg_id=item["client_msg_id"],
-            )
-            new_messages.append((index, message))
-    Message.objects.bulk_create([m for _, m in new_messages])
-
-    if refused:
+    plan = batch_plan.plan_batch(items, existing, members)
+    reserved = {}
+    for room_id, count in plan.counts():
+        got = _reserve_seqs(room_id, count)
+        if got is not None:
+            reserved[room_id] = got
+    created_at = timezone.now()
+    new = plan.new_messages(reserved, created_at, usernames)
+    rows = Message.objects.bulk_create([
+        Message(room_id=m.room, seq=m.seq, sender_id=m.sender, body=m.body, kind=m.kind, client_msg_id=m.client_msg_id)
+        for _, m in new
+    ])
+    # auto_now_add stamps each row as it is saved: the frames carry the stored time.
+    new = [(index, m._replace(created_at=row.created_at)) for (index, m), row in zip(new, rows, strict=True)]
+    rooms_that_exist: set[int] = set()
+    if plan.refused:
         rooms_that_exist = set(
-            Room.objects.filter(pk__in={items[i]["room"] for i in refused}).values_list("pk", flat=True)
+            Room.objects.filter(pk__in={items[i]["room"] for i in plan.refused}).values_list("pk", flat=True)
         )
-        for index in refused:
-            room_id = items[index]["room"]
-            if room_id in rooms_that_exist:
-                outcomes[index] = Outcome(
-                    items[index], "error", code=ErrorCode.FORBIDDEN, message=f"you are not a member of room {room_id}"
-                )
-            else:
-                outcomes[index] = Outcome(
-                    items[index], "error", code=ErrorCode.NOT_FOUND, message=f"room {room_id} does not exist"
-                )
-
-    for index, message in new_messages:
-        outcome = Outcome(
-            items[index], "stored", room=message.room_id, seq=message.seq,
-            frame=message_frame(message, usernames.get(message.sender_id)),
-        )
-        kind, bot_id = room_kinds[message.room_id]
-        if kind == Room.Kind.BOT and bot_id and message.kind == Message.Kind.TEXT:
-            if bot_id not in bot_users:
-                bot_users[bot_id] = Bot.objects.filter(pk=bot_id).values_list("user_id", flat=True).first()
-            if bot_users[bot_id] != message.sender_id:
-                outcome.bot_job = {
-                    "type": "bot.reply", "room": message.room_id, "bot": bot_id, "seq": message.seq,
-                    "sender": message.sender_id, "sender_name": usernames.get(message.sender_id, ""),
-                    "body": message.body,
-                }
-        outcomes[index] = outcome
-
-    for index, outcome in enumerate(outcomes):
-        assert outcome is not None
-        if outcome.status == "duplicate" and outcome.seq is None:
-            first = outcomes[seen[(items[index]["sender"], items[index]["client_msg_id"])]]
-            assert first is not None
-            outcome.room, outcome.seq = first.room, first.seq
-    return [o for o in outcomes if o is not None]
+    return plan.finish(new, reserved, rooms_that_exist)
