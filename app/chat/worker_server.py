@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import time
 from typing import Any
@@ -11,7 +12,6 @@ from typing import Any
 from asgiref.compatibility import guarantee_single_callable
 from channels.worker import Worker
 from prometheus_client import start_http_server
-from redis.exceptions import RedisError
 
 from chat import metrics
 from chat.process import ensure_heartbeat
@@ -29,6 +29,9 @@ MAX_LOCAL_BACKLOG = 200
 LISTENER_RESTART_MIN_SECONDS = 0.05
 LISTENER_RESTART_MAX_SECONDS = 5.0
 LISTENER_HEALTHY_SECONDS = 30.0
+# A blocking receive returns empty-handed after this long, so that a listener sees the stop
+# flag; so a stopping worker takes at most this long (plus its batches in hand) to stop.
+RECEIVE_POLL_SECONDS = 1.0
 
 
 class QueueDepthProbe:
@@ -49,7 +52,11 @@ class QueueDepthProbe:
 
 
 class ParleyWorker(Worker):
+    # Cleared when the worker is told to stop: listeners finish their receive and take no more.
+    taking = True
+
     async def handle(self) -> None:
+        self.taking = True
         if CONFIG.metrics_port:
             start_http_server(CONFIG.metrics_port)
         ensure_heartbeat("worker", QueueDepthProbe(self.channel_layer, self.channels))
@@ -67,14 +74,23 @@ class ParleyWorker(Worker):
             loop.create_task(self.supervised(channel), name=f"parley-listener-{channel}") for channel in self.channels
         ]
         stop = loop.create_task(stopping.wait())
-        await asyncio.wait([*listeners, stop], return_when=asyncio.FIRST_COMPLETED)
-        # Stop taking work first, then finish what was taken: on a scale-down or rollout the
-        # messages in hand are stored and acked instead of left for the client's retry.
-        for listener in listeners:
-            listener.cancel()
-        await asyncio.gather(*listeners, return_exceptions=True)
-        await self.finish_in_hand(CONFIG.drain_seconds)
-        stop.cancel()
+        try:
+            await asyncio.wait([*listeners, stop], return_when=asyncio.FIRST_COMPLETED)
+            # Stop taking work first, then finish what was taken: on a scale-down or rollout
+            # the messages in hand are stored and acked instead of left for the client's retry.
+            # Listeners see the flag between receives (a receive is not cancelled: a message
+            # it has popped would be lost with it); one stuck past that is cancelled.
+            self.taking = False
+            _, stuck = await asyncio.wait(listeners, timeout=RECEIVE_POLL_SECONDS + 1)
+            for listener in stuck:
+                listener.cancel()
+            await asyncio.gather(*listeners, return_exceptions=True)
+            await self.finish_in_hand(CONFIG.drain_seconds)
+        finally:
+            stop.cancel()
+            for listener in listeners:
+                listener.cancel()
+            await batcher().close()
 
     async def supervised(self, channel: str) -> None:
         """Run the listener of `channel`, restarting it after anything but our own cancellation.
@@ -87,10 +103,12 @@ class ParleyWorker(Worker):
         """
         task = asyncio.current_task()
         delay = LISTENER_RESTART_MIN_SECONDS
-        while True:
+        while self.taking:
             started = time.monotonic()
             try:
                 await self.listener(channel)
+                if not self.taking:
+                    return
                 log.error("listener of %s returned; restarting it", channel)
             except asyncio.CancelledError:
                 if task is not None and task.cancelling():
@@ -113,40 +131,49 @@ class ParleyWorker(Worker):
         await batcher().flush()
         log.info("worker stopped; messages in hand were stored")
 
+    async def receive(self, channel: str, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` messages of `channel`; [] now and then, so the stop flag is seen."""
+        receive_batch = getattr(self.channel_layer, "receive_batch", None)
+        if receive_batch is None:  # another channel layer: one message per receive
+            return [await self.channel_layer.receive(channel)]
+        return await receive_batch(channel, limit, RECEIVE_POLL_SECONDS)
+
     async def listener(self, channel: str) -> None:
-        scope = {"type": "channel", "channel": channel}
-        receive_ready = getattr(self.channel_layer, "receive_ready", None)
-        if channel == PERSIST_CHANNEL and receive_ready is not None:
-            await self.persist_listener(channel, receive_ready)
+        if channel == PERSIST_CHANNEL:
+            await self.persist_listener(channel)
             return
-        while True:
+        scope = {"type": "channel", "channel": channel}
+        while self.taking:
             queue = self.get_or_create_application_instance(channel, scope)
-            messages = [await self.channel_layer.receive(channel)]
-            if receive_ready is not None:
-                # Whatever else is already waiting, in one round trip (bounded by the queue's room).
-                messages += await receive_ready(channel, queue.maxsize - queue.qsize() - 1)
-            for message in messages:
+            # Whatever is waiting, in one round trip, bounded by the queue's room.
+            for message in await self.receive(channel, max(1, queue.maxsize - queue.qsize())):
                 if not message.get("type"):
                     log.error("dropping a message without type on %s", channel)
                     continue
                 await queue.put(message)
 
-    async def persist_listener(self, channel: str, receive_ready: Any) -> None:
+    async def persist_listener(self, channel: str) -> None:
         """chat.persist straight into the batcher, a batch per round trip.
 
-        Going through an ASGI instance costs a dispatch (and a task) per message, and while a
-        batch is being stored in the database thread the event loop gets too little of the GIL
-        to dispatch many: batches stayed at 3-4 messages and one worker topped out near 300/s.
-        `add_many` waits while a full batch is being stored, which is the backpressure.
+        Going through an ASGI instance costs a dispatch (and a task) per message: batches
+        stayed at 3-4 messages and one worker topped out near 300/s. `add_many` waits while a
+        batch's worth is waiting for a store, which is the backpressure.
         """
-        while True:
-            messages = [await self.channel_layer.receive(channel)]
-            try:
-                messages += await receive_ready(channel, CONFIG.batch_max - 1)
-            except RedisError as exc:
-                # The message in hand is already off Redis: store it now, take the rest next time.
-                log.warning("taking more of %s failed (%s); storing the one in hand", channel, exc)
-            await batcher().add_many([m for m in messages if m.get("type") == "persist.message"])
+        interval = CONFIG.batch_wait_ms / 1000
+        taken_at, full = -math.inf, False
+        while self.taking:
+            # Pacing: a batch costs the same few statements and round trips whatever its size,
+            # so a worker busy enough to receive again at once waits out the interval since its
+            # last receive, and takes what gathered meanwhile in one batch. A message after a
+            # quiet spell is taken at once; a full batch waiting is taken without a pause.
+            pause = taken_at + interval - time.monotonic()
+            if pause > 0 and not full:
+                await asyncio.sleep(pause)
+            taken_at = time.monotonic()
+            messages = await self.receive(channel, CONFIG.batch_max)
+            full = len(messages) >= CONFIG.batch_max
+            if messages:
+                await batcher().add_many([m for m in messages if m.get("type") == "persist.message"])
 
     def get_or_create_application_instance(self, scope_id: str, scope: dict) -> asyncio.Queue:
         """Like StatelessServer's, but the instance's queue is bounded.

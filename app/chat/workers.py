@@ -1,10 +1,12 @@
 """Worker-channel consumers: `chat.persist` stores and fans out, `chat.bot` answers bot chats.
 
 `chat.persist` is the only writer of messages. It stores in batches (at most PARLEY_BATCH_MAX
-messages, waiting at most PARLEY_BATCH_WAIT_MS for a batch to fill), assigns seqs, then publishes
-every stored message once to its room and acks each sender. A message is acked only after its
-transaction committed; a crash before that loses no acked message: the client retries with the
-same client_msg_id and gets the stored seq.
+messages; a busy worker receives at most once per PARLEY_BATCH_WAIT_MS unless a batch is full),
+assigns seqs, then publishes every stored message once to its room and acks each sender. On
+PostgreSQL up to PARLEY_STORE_CONNECTIONS batches are stored at once (`chat.store_pg`, on the
+event loop), a room in at most one of them (`chat.batcher`); on SQLite one batch at a time
+through the ORM. A message is acked only after its transaction committed; a crash before that
+loses no acked message: the client retries with the same client_msg_id and gets the stored seq.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.consumer import AsyncConsumer
@@ -21,6 +24,7 @@ from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 
 from chat import bots, fanout, metrics, services
+from chat.batcher import Batcher
 from chat.protocol import ErrorCode, dumps, error_frame
 from parley.config import CONFIG
 
@@ -30,41 +34,21 @@ PERSIST_CHANNEL = "chat.persist"
 BOT_CHANNEL = "chat.bot"
 
 
-class Batcher:
-    """Collects persist requests of one event loop and stores them in batches."""
+Store = Callable[[list[dict[str, Any]]], Awaitable[list[services.Outcome]]]
 
-    def __init__(self) -> None:
-        self.items: list[dict[str, Any]] = []
-        self.lock = asyncio.Lock()
-        self.timer: asyncio.TimerHandle | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
 
-    async def add(self, item: dict[str, Any]) -> None:
-        await self.add_many([item])
+def make_batcher() -> Batcher[Store]:
+    """PARLEY_STORE_CONNECTIONS async PostgreSQL stores (`chat.store_pg`), or the ORM path
+    alone (SQLite, or PARLEY_STORE=orm: asgiref's one database thread serialises it anyway)."""
+    from django.db import connection
 
-    async def add_many(self, items: list[dict[str, Any]]) -> None:
-        self.items.extend(items)
-        if len(self.items) >= CONFIG.batch_max:
-            # Holding the caller here is the backpressure: the worker stops pulling from Redis,
-            # so the queue depth the operator sees is the work really waiting. Shielded: a
-            # worker told to stop still finishes (stores, publishes, acks) the batch in hand.
-            await asyncio.shield(self.flush())
-        elif self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(CONFIG.batch_wait_ms / 1000, self._flush_soon)
+    if connection.vendor != "postgresql" or CONFIG.store == "orm":
+        return Batcher([database_sync_to_async(services.store_batch)], store_and_deliver, CONFIG.batch_max)
+    from chat.store_pg import PgStore, conninfo_from_django
 
-    def _flush_soon(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.flush())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def flush(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        async with self.lock:
-            items, self.items = self.items, []
-            if items:
-                await store_and_deliver(items)
+    stores = [PgStore(conninfo_from_django()) for _ in range(CONFIG.store_connections)]
+    return Batcher([store.store_batch for store in stores], store_and_deliver, CONFIG.batch_max,
+                   [store.close for store in stores])
 
 
 def _error(item: dict[str, Any], code: ErrorCode | None, message: str) -> tuple[str, str]:
@@ -93,7 +77,7 @@ def is_valid_item(item: Any) -> bool:
     )
 
 
-async def store_and_deliver(items: list[dict[str, Any]]) -> None:
+async def store_and_deliver(items: list[dict[str, Any]], store: Store) -> None:
     layer = get_channel_layer()
     valid = [item for item in items if is_valid_item(item)]
     if len(valid) != len(items):
@@ -103,7 +87,7 @@ async def store_and_deliver(items: list[dict[str, Any]]) -> None:
         if not items:
             return
     try:
-        outcomes = await database_sync_to_async(services.store_batch)(items)
+        outcomes = await store(items)
     except Exception:
         log.exception("storing a batch of %d messages failed; senders will retry", len(items))
         failed = [
@@ -160,13 +144,14 @@ async def send_with_retry(layer: Any, channel: str, message: dict[str, Any], att
     log.error("channel %s stayed full; dropped %s", channel, message.get("type"))
 
 
-_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Batcher] = weakref.WeakKeyDictionary()
+_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Batcher[Store]] = weakref.WeakKeyDictionary()
 
 
-def batcher() -> Batcher:
+def batcher() -> Batcher[Store]:
+    """This event loop's batcher (a worker process has one loop; tests one per test)."""
     loop = asyncio.get_running_loop()
     if loop not in _batchers:
-        _batchers[loop] = Batcher()
+        _batchers[loop] = make_batcher()
     return _batchers[loop]
 
 

@@ -32,6 +32,13 @@ def _list(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = (os.environ.get(name) or default).strip().lower()
+    if raw not in choices:
+        raise SystemExit(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
+
+
 DEV_SECRET_KEY = "insecure-dev-key-change-me-in-production"
 
 
@@ -112,10 +119,22 @@ class Config:
     resume_max: int = field(default_factory=lambda: _int("PARLEY_RESUME_MAX", 500))
     history_max: int = field(default_factory=lambda: _int("PARLEY_HISTORY_MAX", 200))
     batch_max: int = field(default_factory=lambda: _int("PARLEY_BATCH_MAX", 200))
-    # A batch of one costs ~4 ms of CPU (eight statements), a batch of 200 ~18 ms. Under load
-    # batches fill by themselves (everything waiting is taken at once); 15 ms here cost more
-    # p99 than it saved CPU in `make bench`, so the wait stays short.
-    batch_wait_ms: float = field(default_factory=lambda: _float("PARLEY_BATCH_WAIT_MS", 5.0))
+    # The shortest interval between two receives of a worker whose batches are not full: what
+    # arrives meanwhile is stored as one batch. A batch costs the same few statements and
+    # round trips whatever its size (~3 ms of the worker's CPU), so at 1,000 messages/s one
+    # batch per message would take the whole core; at 20 ms they are ~20 messages each, for
+    # at most 20 ms more latency. A message after a quiet spell is taken at once, and a full
+    # batch waiting is taken without a pause (docs/benchmarks.md, "Worker throughput").
+    batch_wait_ms: float = field(default_factory=lambda: _float("PARLEY_BATCH_WAIT_MS", 20.0))
+    # Batches one worker process stores at once on PostgreSQL (`chat.store_pg`), each on a
+    # connection of its own, a room in at most one of them (`chat.batcher`). While one batch
+    # waits on the database the next is planned and sent: 4 kept the worker's core busy on a
+    # local database (docs/benchmarks.md, "Worker throughput") and costs the database 4
+    # connections per worker process. At a trickle only one is used. SQLite always uses one.
+    store_connections: int = field(default_factory=lambda: max(1, _int("PARLEY_STORE_CONNECTIONS", 4)))
+    # `auto`: the async path on PostgreSQL, the ORM elsewhere. `orm`: the ORM path everywhere
+    # (the path before issue 11: a fallback, and the benchmark's comparison).
+    store: str = field(default_factory=lambda: _choice("PARLEY_STORE", "auto", ("auto", "orm")))
     drain_seconds: float = field(default_factory=lambda: _float("PARLEY_DRAIN_SECONDS", 30.0))
     # The jittered reconnect delay told to clients when a protocol process drains.
     reconnect_jitter_ms: int = field(default_factory=lambda: _int("PARLEY_RECONNECT_JITTER_MS", 5000))

@@ -101,6 +101,35 @@ class ParleyChannelLayer(RedisChannelLayer):
         entries = await self.connection(self.consistent_hash(channel)).zpopmin(self.prefix + channel, limit)
         return [self.deserialize(member) for member, _score in entries]
 
+    async def receive_batch(self, channel: str, limit: int, timeout: float) -> list[dict[str, Any]]:
+        """Up to `limit` messages of a named channel in order; [] after `timeout` s with none.
+
+        A worker's receive, in one round trip when messages are waiting (ZPOPMIN) and two when
+        none were (then BZPOPMIN for the first to arrive), however many it takes. The generic
+        `receive` makes four per message: a clean-up script, BZPOPMIN, and a backup queue
+        written and cleared. A Redis outage is waited out, as in `receive`.
+
+        The backup queue is left out on purpose: it protects a message popped by a receive that
+        is then cancelled. A worker stops taking by a flag between receives, not by cancelling
+        one (`chat.worker_server`); if a process is killed after a pop, that message was never
+        acked, and its sender retries it with the same client_msg_id.
+        """
+        key = self.prefix + channel
+        delay = 0.1
+        while True:
+            try:
+                connection = self.connection(self.consistent_hash(channel))
+                taken = await connection.zpopmin(key, limit)
+                if taken:
+                    return [self.deserialize(member) for member, _score in taken]
+                popped = await connection.bzpopmin(key, timeout=timeout)
+                return [] if popped is None else [self.deserialize(popped[1])]
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                _raise_if_cancelling()
+                log.warning("channel layer receive on %s failed (%s); retrying in %.1fs", channel, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def receive(self, channel: str) -> dict[str, Any]:
         """Wait out Redis outages instead of raising.
 
@@ -112,6 +141,7 @@ class ParleyChannelLayer(RedisChannelLayer):
             try:
                 return await super().receive(channel)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                _raise_if_cancelling()
                 log.warning("channel layer receive on %s failed (%s); retrying in %.1fs", channel, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -120,6 +150,15 @@ class ParleyChannelLayer(RedisChannelLayer):
         if "!" not in channel:
             self._receive_index_generator = _Repeat(self.consistent_hash(channel))
         return await super().receive_single(channel)
+
+
+def _raise_if_cancelling() -> None:
+    """redis-py turns a cancellation that lands in a blocking read into a ConnectionError: a
+    loop that waits out Redis outages must not wait out its own cancellation (the task would
+    never end, and event-loop shutdown would wait for it forever)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class _Repeat:
