@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 REQUIREMENTS := requirements.txt requirements-dev.txt $(wildcard operator/requirements*.txt)
 
-.PHONY: install run test lint bench attacks browser-deps helm-deps clean
+.PHONY: install run test lint bench bench-worker attacks browser-deps helm-deps clean
 
 $(STAMP): $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ $(TOOLS)/checkov/.installed: tests/chart/requirements-checkov.txt
 
 bench: install
 	$(PY) loadtest/bench.py
+
+## bench-worker: messages one worker process stores per second (PostgreSQL), against a plain insert.
+bench-worker: install
+	$(PY) loadtest/worker_bench.py $(BENCH_ARGS)
 
 ## attacks: a normal user's round trip while one hostile socket floods (docs/security.md).
 attacks: install

@@ -67,6 +67,18 @@ class Stack:
         proc_env = {"PARLEY_METRICS_PORT": "0", **self.env, **env}
         return self._spawn(f"worker-{len(self.processes)}", [PARLEY, "worker", *channels], proc_env)
 
+    def stop_process(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+        """Stop one process (SIGTERM, then SIGKILL after `timeout`) and forget it."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc in self.processes:
+            self.processes.remove(proc)
+
     def stop(self) -> None:
         for proc in self.processes:
             if proc.poll() is None:
