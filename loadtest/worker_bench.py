@@ -22,7 +22,8 @@ that is never acked is reported as lost (the run fails), never passed off as slo
 
 Prints a table and, last, one machine-readable line:
 `worker_msgs_per_s=<n> insert_ratio=<x> ack_p99_ms=<y> cpu_us_per_msg=<z> lost=<k>`.
-Writes var/bench/worker.json. Recorded in docs/benchmarks.md.
+Writes var/bench/worker.json (and, with --record, the "worker" key of docs/benchmarks.json, the
+figures capacity plans read). Recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 VAR = REPO / "var" / "bench"
+RECORD = REPO / "docs" / "benchmarks.json"
 POSTGRES_ADMIN = os.environ.get("PARLEY_BENCH_POSTGRES", "postgres://postgres@127.0.0.1:5432/postgres")
 DB_NAME = "parley_bench_worker"
 sys.path[:0] = [str(REPO / "app"), str(REPO / "tools")]
@@ -354,6 +356,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
     parser.add_argument("--batch", type=int, default=200, help="rows per statement of the reference")
     parser.add_argument("--profile", action="store_true", help="py-spy the worker during the latency run")
+    parser.add_argument("--record", action="store_true", help="also write the results to docs/benchmarks.json")
     args = parser.parse_args()
     if not 1 <= args.messages <= 200_000 or not 1 <= args.rate <= 20_000 or not 0 < args.seconds <= 120:
         parser.error("bounded runs only: --messages 1..200000, --rate 1..20000, --seconds up to 120")
@@ -393,6 +396,11 @@ def main() -> int:
         **results,
     }
     (VAR / "worker.json").write_text(json.dumps(report, indent=2))
+    if args.record:
+        # The committed figures that capacity plans read (docs/benchmarks.json, key "worker").
+        recorded = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+        recorded["worker"] = report
+        RECORD.write_text(json.dumps(recorded, indent=2) + "\n")
     print("| store path | connections | messages | acked | msgs/s | worker CPU-µs/msg | worker CPU share |")
     print("|---|---|---|---|---|---|---|")
     for r in results["throughput"]:
