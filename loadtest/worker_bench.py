@@ -120,7 +120,7 @@ class Acks:
         self.errors: dict[str, int] = {}
 
     async def listen(self, ready: asyncio.Event) -> None:
-        from chat.keys import process_topic
+        from chat.contract import process_topic
         from chat.redis_pool import client_for
 
         topic = process_topic(BENCH_PID)

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from chat import keys
+from chat import contract
 from embedded_redis import free_port
 from tests.helpers import WsClient, amake_user, fetch
 
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 async def heartbeats(url: str) -> list[dict[str, str]]:
     client = aioredis.Redis.from_url(url, decode_responses=True)
     try:
-        found = [key async for key in client.scan_iter(match=keys.heartbeat_pattern())]
+        found = [key async for key in client.scan_iter(match=contract.heartbeat_pattern())]
         return [await client.hgetall(key) | {"ttl": str(await client.ttl(key))} for key in found]
     finally:
         await client.aclose()

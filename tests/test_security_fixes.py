@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from channels.db import database_sync_to_async
 from channels.testing import HttpCommunicator
 
-from chat import consumers, fanout, keys, process, protocol, services
+from chat import consumers, contract, fanout, process, protocol, services
 from chat.models import Membership, Message
 from chat.presence import PRESENCE
 from chat.process import STATE
@@ -424,12 +424,12 @@ async def test_frames_after_an_unauthenticated_close_raise_nothing():
 
 def test_every_redis_key_carries_the_platform_prefix(monkeypatch):
     other = dataclasses.replace(config.CONFIG, channel_prefix="tenant-b")
-    monkeypatch.setattr(keys, "CONFIG", other)
-    for name in (keys.room_topic(7), keys.presence_key(7), keys.heartbeat_key("p1"),
-                 keys.process_topic("p1"), keys.control_topic()):
+    monkeypatch.setattr(contract, "CONFIG", other)
+    for name in (contract.room_topic(7), contract.presence_key(7), contract.heartbeat_key("p1"),
+                 contract.process_topic("p1"), contract.control_topic()):
         assert name.startswith("tenant-b:"), name
-    assert keys.room_of_topic("tenant-b:room:7") == 7
-    assert keys.room_of_topic("asgi:room:7") is None
+    assert contract.room_of_topic("tenant-b:room:7") == 7
+    assert contract.room_of_topic("asgi:room:7") is None
 
 
 async def test_malformed_pubsub_payloads_are_dropped_and_delivery_goes_on(worker):
@@ -441,9 +441,9 @@ async def test_malformed_pubsub_payloads_are_dropped_and_delivery_goes_on(worker
     reconnects = sum(shard.connects for shard in bus.shards)
     client = aioredis.Redis.from_url(os.environ["REDIS_URLS"].split(",")[0])
     for payload in (b"notanumber\n{}", b"-5\n{}", b"\xff\xfe", b"1"):
-        await client.publish(keys.room_topic(room.pk), payload)
+        await client.publish(contract.room_topic(room.pk), payload)
     await client.publish(bus.control_topic, b"key-not-int\n{}")
-    await client.publish(keys.control_topic(), b"[not, json")
+    await client.publish(contract.control_topic(), b"[not, json")
     await client.aclose()
     await a.send({"type": "send", "room": room.pk, "body": "after garbage", "client_msg_id": "g1"})
     message = await a.expect("message", timeout=10)
@@ -457,7 +457,7 @@ async def test_revocation_command_closes_the_users_sockets_within_seconds():
     alice, token = await amake_user("alice")
     a = await connect(token)
     client = aioredis.Redis.from_url(os.environ["REDIS_URLS"].split(",")[0])
-    await client.publish(keys.control_topic(), json.dumps({"kick_user": alice.pk}))
+    await client.publish(contract.control_topic(), json.dumps({"kick_user": alice.pk}))
     await client.aclose()
     frame = await a.error("forbidden", timeout=5)
     assert "revoked" in frame["message"]
@@ -519,7 +519,7 @@ async def test_a_failed_subscribe_leaves_no_topic_behind(monkeypatch):
 
     with pytest.raises(fanout.BusUnavailable):
         await bus.join(123, Member())
-    assert keys.room_topic(123) not in shard.topics
+    assert contract.room_topic(123) not in shard.topics
     await bus.close()
 
 

@@ -71,12 +71,12 @@ async def test_named_channels_live_on_one_shard_and_are_received_promptly(two_sh
 
 
 async def test_room_fanout_works_across_two_shards(two_shards, monkeypatch):
-    from chat import fanout, redis_pool
+    from chat import contract, fanout, redis_pool
 
     monkeypatch.setattr(redis_pool, "shard_urls", lambda: two_shards)
     monkeypatch.setattr(fanout, "shard_urls", lambda: two_shards)
     rooms = list(range(1, 21))
-    assert {shard_index(two_shards, fanout.topic(r)) for r in rooms} == {0, 1}
+    assert {shard_index(two_shards, contract.room_topic(r)) for r in rooms} == {0, 1}
 
     class Member:
         def __init__(self) -> None:

@@ -34,7 +34,7 @@ from django.db.backends.utils import CursorWrapper
 from django.test import Client
 from django.utils import timezone
 
-from chat import keys, throttle, tokens, views
+from chat import contract, throttle, tokens, views
 from chat.models import ApiToken
 from chat.throttle import HandshakeLimiter, Verdict, address_key
 from parley.asgi import application
@@ -250,7 +250,7 @@ def test_existing_plaintext_tokens_are_hashed_by_the_migration_and_keep_working(
 async def _subscribe() -> tuple[aioredis.Redis, Any]:
     client = aioredis.Redis.from_url(os.environ["REDIS_URLS"].split(",")[0])
     pubsub = client.pubsub()
-    await pubsub.subscribe(keys.control_topic())
+    await pubsub.subscribe(contract.control_topic())
     await pubsub.get_message(timeout=1)  # the subscribe confirmation
     return client, pubsub
 
@@ -482,7 +482,7 @@ def test_login_throttle_counters_are_in_redis_under_the_channel_prefix(monkeypat
     make_user("alice", "correct-horse-9")
     login(Client(), "alice", "wrong", address="198.51.100.5")
     store = redis.Redis.from_url(os.environ["REDIS_URLS"].split(",")[0])
-    found = store.keys(f"{keys.CONFIG.channel_prefix}:throttle:*")
+    found = store.keys(f"{contract.CONFIG.channel_prefix}:throttle:*")
     names = sorted(k.decode() for k in found)
     assert len(names) == 2 and any(":login:address:198.51.100.5" in n for n in names)
     assert not any("alice" in n for n in names)  # usernames are hashed, not put in keys

@@ -36,13 +36,12 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from redis.exceptions import RedisError
 
-from chat import fanout, metrics, services
+from chat import contract, fanout, metrics, services
 from chat.control_receiver import handle_control
 from chat.presence import PRESENCE
 from chat.process import STATE, ensure_heartbeat, process_id
 from chat.protocol import CloseCode, ErrorCode, ProtocolError, dumps, error_frame, parse
 from chat.ratelimit import TokenBucket
-from chat.workers import PERSIST_CHANNEL
 from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
@@ -570,7 +569,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self._joined(room)
         try:
             await get_channel_layer().send(
-                PERSIST_CHANNEL,
+                contract.PERSIST_CHANNEL,
                 {
                     "type": "persist.message",
                     "room": room,
@@ -578,7 +577,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     "body": frame["body"],
                     "kind": "text",
                     "client_msg_id": frame["client_msg_id"],
-                    "reply_to": fanout.reply_address(process_id(), self.key),
+                    "reply_to": contract.reply_address(process_id(), self.key),
                     "queued_at": time.time(),
                 },
             )

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from redis import asyncio as aioredis
 
-from chat.keys import control_topic
+from chat.contract import control_topic
 from parley.config import CONFIG
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ no channel-layer channel of its own (no receive task, no queue), which halves it
 
 Every process also listens on the platform's control topic (`<prefix>:control`, `chat.control`):
 JSON commands such as "close this user's sockets" after a revocation. Topic names live in
-`chat.keys`.
+`chat.contract`.
 
 Redis is a transport, not an authority: a payload that is not what Parley writes (a foreign
 publisher, a bug) is logged and dropped; it never stops the reader or forces a resubscribe.
@@ -38,7 +38,7 @@ from typing import Protocol
 from redis.asyncio.connection import Connection, parse_url
 from redis.exceptions import RedisError
 
-from chat import keys, metrics
+from chat import contract, metrics
 from chat.process import process_id, raise_if_cancelling
 from chat.redis_pool import client_for, redact, shard_urls
 from parley.sharding import shard_index
@@ -62,39 +62,26 @@ class Member(Protocol):
     def push_text(self, text: str) -> None: ...
 
 
-process_topic = keys.process_topic
-
-
-def reply_address(pid: str, key: int) -> str:
-    """Where a worker sends the ack of a message from connection `key` of process `pid`."""
-    return f"{pid}|{key}"
-
-
 async def publish_replies(replies: Iterable[tuple[str, str]]) -> None:
     """Send `(reply address, frame JSON)` pairs to their processes, one round trip per shard."""
     messages = []
     for address, frame_json in replies:
-        pid, _, key = address.rpartition("|")
-        messages.append((process_topic(pid), f"{key}\n{frame_json}"))
+        pid, key = contract.split_reply_address(address)
+        messages.append((contract.process_topic(pid), contract.encode_reply_payload(key, frame_json)))
     await _publish_by_shard(messages)
-
-
-topic = keys.room_topic
-
-
-def encode(seq: int | None, frame_json: str) -> str:
-    return f"{'' if seq is None else seq}\n{frame_json}"
 
 
 async def publish(room: int, seq: int | None, frame_json: str) -> None:
     """Publish one frame to a room (from a worker or a protocol process)."""
-    name = topic(room)
-    await client_for(name).publish(name, encode(seq, frame_json))
+    name = contract.room_topic(room)
+    await client_for(name).publish(name, contract.encode_room_payload(seq, frame_json))
 
 
 async def publish_many(items: Iterable[tuple[int, int | None, str]]) -> None:
     """Publish several frames with one round trip per shard, in the order given."""
-    await _publish_by_shard([(topic(room), encode(seq, frame_json)) for room, seq, frame_json in items])
+    await _publish_by_shard([
+        (contract.room_topic(room), contract.encode_room_payload(seq, frame_json)) for room, seq, frame_json in items
+    ])
 
 
 async def _publish_by_shard(messages: list[tuple[str, str]]) -> None:
@@ -237,9 +224,9 @@ class RoomBus:
     """This process's subscriptions and the local members of each room."""
 
     def __init__(self, process_id: str) -> None:
-        self.control_topic = process_topic(process_id)
+        self.control_topic = contract.process_topic(process_id)
         self._control = self.control_topic.encode()
-        self.broadcast_topic = keys.control_topic()
+        self.broadcast_topic = contract.control_topic()
         self._broadcast = self.broadcast_topic.encode()
         # Set by the protocol process: handles the platform-wide control commands.
         self.on_control: Callable[[dict], None] | None = None
@@ -275,7 +262,7 @@ class RoomBus:
             if members:
                 members.add(member)
                 return
-            await self._shard(topic(room)).subscribe(topic(room))
+            await self._shard(contract.room_topic(room)).subscribe(contract.room_topic(room))
             self.members[room] = {member}
             metrics.SUBSCRIBED_ROOMS.set(len(self.members))
 
@@ -290,9 +277,9 @@ class RoomBus:
                 return
             del self.members[room]
             self._locks.pop(room, None)
-            self._topic_rooms.pop(topic(room).encode(), None)
+            self._topic_rooms.pop(contract.room_topic(room).encode(), None)
             metrics.SUBSCRIBED_ROOMS.set(len(self.members))
-            await self._shard(topic(room)).unsubscribe(topic(room))
+            await self._shard(contract.room_topic(room)).unsubscribe(contract.room_topic(room))
 
     def bad_payload(self, channel: bytes, exc: BaseException) -> None:
         self.bad_payloads += 1
@@ -305,10 +292,10 @@ class RoomBus:
 
     def dispatch(self, channel: bytes, data: bytes) -> None:
         if channel == self._control:
-            key, _, body = data.partition(b"\n")
-            connection = self.connections.get(int(key))
+            key, text = contract.decode_reply_payload(data)
+            connection = self.connections.get(key)
             if connection is not None:
-                connection.push_text(body.decode())
+                connection.push_text(text)
             return
         if channel == self._broadcast:
             command = json.loads(data)
@@ -319,28 +306,22 @@ class RoomBus:
             return
         room = self._topic_rooms.get(channel)
         if room is None:
-            room = keys.room_of_topic(channel)
+            room = contract.room_of_topic(channel)
             if room is None or room not in self.members:
                 return
             self._topic_rooms[channel] = room
         members = self.members.get(room)
         if not members:
             return
-        head, _, body = data.partition(b"\n")
-        seq = int(head) if head else None
-        if seq is not None and seq < 1:
-            raise ValueError(f"seq {seq} out of range")
-        if not (body.startswith(b"{") and body.endswith(b"}")):
-            raise ValueError("frame is not a JSON object")
-        # Decode once per process; every member gets the same str object.
-        text = body.decode()
+        # Decoded once per process; every member gets the same str object.
+        seq, text = contract.decode_room_payload(data)
         metrics.FANOUT_IN.inc()
         for member in tuple(members):
             member.deliver(room, seq, text)
 
     def reset_rooms(self, topics: Iterable[str]) -> None:
         for name in topics:
-            room = keys.room_of_topic(name)
+            room = contract.room_of_topic(name)
             if room is None:
                 continue
             for member in tuple(self.members.get(room, ())):

@@ -2,7 +2,7 @@
 
 Each protocol process counts its local (room, user) connections. The first local connection of a
 user in a room publishes `presence online`, the last one `offline`. The room's online set is a
-Redis sorted set `<prefix>:presence:<room>` (`chat.keys`) scored by expiry time; each process refreshes its
+Redis sorted set `<prefix>:presence:<room>` (`chat.contract`) scored by expiry time; each process refreshes its
 local entries with its heartbeat, so a crashed process's users fall out after the TTL.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from chat.keys import presence_key, room_topic
+from chat.contract import presence_key, room_topic
 from chat.redis_pool import client_for
 from parley.config import CONFIG
 

@@ -1,7 +1,7 @@
 """Who this process is, which connections it holds, whether it is draining, and its heartbeat.
 
 The heartbeat is the operator's view of load without scraping pods: every few seconds each
-process writes `<prefix>:proc:<process_id>` (`chat.keys`) (a hash with a short TTL) to Redis.
+process writes `<prefix>:proc:<process_id>` (`chat.contract`) (a hash with a short TTL) to Redis.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Protocol
 
 from redis.exceptions import RedisError
 
-from chat import keys
+from chat import contract
 from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def raise_if_cancelling() -> None:
 
 
 def heartbeat_key(pid: str | None = None) -> str:
-    return keys.heartbeat_key(pid or _PROCESS_ID)
+    return contract.heartbeat_key(pid or _PROCESS_ID)
 
 
 # A drained process exits this long after its drain window closed: time for the preStop hook to

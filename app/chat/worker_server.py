@@ -14,8 +14,9 @@ from channels.worker import Worker
 from prometheus_client import start_http_server
 
 from chat import metrics
+from chat.contract import PERSIST_CHANNEL
 from chat.process import ensure_heartbeat
-from chat.workers import PERSIST_CHANNEL, batcher
+from chat.workers import batcher
 from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,8 @@ class QueueDepthProbe:
         self.channels = channels
 
     async def beat(self) -> None:
-        layer = self.layer
         for channel in self.channels:
-            index = layer.consistent_hash(channel)  # type: ignore[attr-defined]
-            connection = layer.connection(index)  # type: ignore[attr-defined]
-            since = time.time() - layer.expiry  # type: ignore[attr-defined]
-            depth = await connection.zcount(layer.prefix + channel, since, "+inf")  # type: ignore[attr-defined]
+            depth = await self.layer.queue_depth(channel)  # type: ignore[attr-defined]
             metrics.QUEUE_DEPTH.labels(channel=channel).set(depth)
 
 

@@ -25,13 +25,12 @@ from channels.layers import get_channel_layer
 
 from chat import bots, fanout, metrics, services
 from chat.batcher import Batcher
+from chat.contract import BOT_CHANNEL, PERSIST_CHANNEL
 from chat.protocol import ErrorCode, dumps, error_frame
 from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
 
-PERSIST_CHANNEL = "chat.persist"
-BOT_CHANNEL = "chat.bot"
 
 
 Store = Callable[[list[dict[str, Any]]], Awaitable[list[services.Outcome]]]

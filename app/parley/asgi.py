@@ -21,7 +21,8 @@ from channels.routing import ChannelNameRouter  # noqa: E402
 from chat import admin, health  # noqa: E402
 from chat.auth import TokenOrSessionAuth  # noqa: E402
 from chat.consumers import ChatConsumer  # noqa: E402
-from chat.workers import BOT_CHANNEL, PERSIST_CHANNEL, BotConsumer, PersistConsumer  # noqa: E402
+from chat.contract import BOT_CHANNEL, PERSIST_CHANNEL  # noqa: E402
+from chat.workers import BotConsumer, PersistConsumer  # noqa: E402
 from parley import proxies  # noqa: E402
 
 APPLICATIONS = {

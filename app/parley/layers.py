@@ -23,7 +23,6 @@ from redis import asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from parley.config import CONFIG
 from parley.sharding import inbox_key, shard_index
 
 log = logging.getLogger(__name__)
@@ -41,8 +40,14 @@ return 1
 
 
 class ParleyChannelLayer(RedisChannelLayer):
-    def __init__(self, hosts: list[Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, hosts: list[Any] | None = None, pool_size: int = 100, pool_timeout: float = 5.0, **kwargs: Any
+    ) -> None:
+        """`pool_size` connections per shard and event loop; a burst beyond it waits up to
+        `pool_timeout` s for one. Both come from CHANNEL_LAYERS' CONFIG, like every other option."""
         super().__init__(hosts=hosts, **kwargs)
+        self.pool_size = pool_size
+        self.pool_timeout = pool_timeout
         self.shard_ids = [str(h.get("address", h)) for h in self.hosts]
         # Named channels have a fixed home shard (see receive_single); no round robin.
         self._receive_index_generator = None
@@ -51,8 +56,8 @@ class ParleyChannelLayer(RedisChannelLayer):
         host = dict(self.hosts[index])
         address = host.pop("address", None)
         options = {
-            "max_connections": CONFIG.redis_pool_size,
-            "timeout": CONFIG.redis_pool_timeout,
+            "max_connections": self.pool_size,
+            "timeout": self.pool_timeout,
             "health_check_interval": 30,
             "socket_keepalive": True,
             # redis-py 8 defaults socket_timeout to 5 s: exactly channels-redis' BZPOPMIN timeout,
@@ -129,6 +134,19 @@ class ParleyChannelLayer(RedisChannelLayer):
                 log.warning("channel layer receive on %s failed (%s); retrying in %.1fs", channel, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def queue_depth(self, channel: str, now: float | None = None) -> int:
+        """Messages waiting on a named channel, as the operator counts them
+        (`parley_operator.metrics`): live entries only (a score newer than the expiry cut-off
+        channels-redis applies at the next send), plus any left in its backup queue by a
+        receive that was killed (the next generic receive puts them back)."""
+        key = self.prefix + channel
+        cutoff = f"({int(now if now is not None else time.time()) - int(self.expiry)}"
+        pipe = self.connection(self.consistent_hash(channel)).pipeline(transaction=False)
+        pipe.zcount(key, cutoff, "+inf")
+        pipe.zcount(key + "$inflight", cutoff, "+inf")
+        waiting, in_backup = await pipe.execute()
+        return int(waiting) + int(in_backup)
 
     async def receive(self, channel: str) -> dict[str, Any]:
         """Wait out Redis outages instead of raising.

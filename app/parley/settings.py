@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dj_database_url
 
+from chat.contract import WORKER_CHANNELS
 from parley.config import CONFIG
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -109,10 +110,9 @@ CHANNEL_LAYERS = {
             "prefix": CONFIG.channel_prefix,
             "expiry": CONFIG.channel_expiry,
             "capacity": CONFIG.inbox_capacity,
-            "channel_capacity": {
-                "chat.persist": CONFIG.worker_channel_capacity,
-                "chat.bot": CONFIG.worker_channel_capacity,
-            },
+            "channel_capacity": {name: CONFIG.worker_channel_capacity for name in WORKER_CHANNELS},
+            "pool_size": CONFIG.redis_pool_size,
+            "pool_timeout": CONFIG.redis_pool_timeout,
         },
     }
 }
