@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from chat.contract import BotReply
 from chat.protocol import ErrorCode
 
 # Room kinds as stored (chat.models.Room.Kind): this module must not import the ORM.
@@ -55,7 +56,7 @@ class Outcome:
     frame: dict[str, Any] | None = None
     code: ErrorCode | None = None
     message: str = ""
-    bot_job: dict[str, Any] | None = field(default=None)
+    bot_job: BotReply | None = field(default=None)
 
 
 def user_ref(user_id: int | None, username: str | None) -> dict[str, Any] | None:

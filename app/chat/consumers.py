@@ -567,20 +567,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def on_send(self, frame: dict[str, Any], ref: str | None) -> None:
         room = frame["room"]
         self._joined(room)
+        message: contract.PersistMessage = {
+            "type": "persist.message",
+            "room": room,
+            "sender": self.user_id,
+            "body": frame["body"],
+            "kind": "text",
+            "client_msg_id": frame["client_msg_id"],
+            "reply_to": contract.reply_address(process_id(), self.key),
+            "queued_at": time.time(),
+        }
         try:
-            await get_channel_layer().send(
-                contract.PERSIST_CHANNEL,
-                {
-                    "type": "persist.message",
-                    "room": room,
-                    "sender": self.user_id,
-                    "body": frame["body"],
-                    "kind": "text",
-                    "client_msg_id": frame["client_msg_id"],
-                    "reply_to": contract.reply_address(process_id(), self.key),
-                    "queued_at": time.time(),
-                },
-            )
+            await get_channel_layer().send(contract.PERSIST_CHANNEL, message)
         except ChannelFull:
             raise ProtocolError(ErrorCode.BUSY, "the server is busy; retry this send later", ref) from None
         metrics.MESSAGES_IN.inc()

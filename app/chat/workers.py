@@ -25,7 +25,7 @@ from channels.layers import get_channel_layer
 
 from chat import bots, fanout, metrics, services
 from chat.batcher import Batcher
-from chat.contract import BOT_CHANNEL, PERSIST_CHANNEL
+from chat.contract import BOT_CHANNEL, PERSIST_CHANNEL, BotReply, PersistMessage
 from chat.protocol import ErrorCode, dumps, error_frame
 from parley.config import CONFIG
 
@@ -133,7 +133,7 @@ async def store_and_deliver(items: list[dict[str, Any]], store: Store) -> None:
         await send_with_retry(layer, BOT_CHANNEL, job)
 
 
-async def send_with_retry(layer: Any, channel: str, message: dict[str, Any], attempts: int = 20) -> None:
+async def send_with_retry(layer: Any, channel: str, message: PersistMessage | BotReply, attempts: int = 20) -> None:
     for attempt in range(attempts):
         try:
             await layer.send(channel, message)
@@ -160,13 +160,13 @@ class PersistConsumer(AsyncConsumer):
 
 
 class BotConsumer(AsyncConsumer):
-    async def bot_reply(self, job: dict[str, Any]) -> None:
+    async def bot_reply(self, job: BotReply) -> None:
         try:
             bot_user, reply = await database_sync_to_async(bots.answer)(job["bot"], job["sender_name"], job["body"])
         except Exception:
             log.exception("bot %s could not answer in room %s", job.get("bot"), job.get("room"))
             return
-        await send_with_retry(self.channel_layer, PERSIST_CHANNEL, {
+        answer: PersistMessage = {
             "type": "persist.message",
             "room": job["room"],
             "sender": bot_user,
@@ -176,4 +176,5 @@ class BotConsumer(AsyncConsumer):
             "client_msg_id": f"bot.{job['room']}.{job['seq']}",
             "reply_to": None,
             "queued_at": time.time(),
-        })
+        }
+        await send_with_retry(self.channel_layer, PERSIST_CHANNEL, answer)
