@@ -26,7 +26,6 @@ import logging
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from channels.consumer import get_handler_name
@@ -42,6 +41,7 @@ from chat.presence import PRESENCE
 from chat.process import STATE, ensure_heartbeat, process_id
 from chat.protocol import CloseCode, ErrorCode, ProtocolError, dumps, error_frame, parse
 from chat.ratelimit import TokenBucket
+from chat.room_cursor import Cursor, Offer
 from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
@@ -54,21 +54,6 @@ RATE_LIMITED_NOTICE_SECONDS = 1.0
 # A `resume` costs one frame of the rate limit per this many rooms: 500 rooms take 20 of the
 # default 40-frame burst, so one connection replays 500 rooms about once a second at most.
 ROOMS_PER_FRAME_COST = 25
-
-
-@dataclass(slots=True)
-class Cursor:
-    """This connection's position in one room."""
-
-    last_seq: int = 0
-    filling: bool = True  # live frames wait in `pending` until the database catch-up is done
-    pending: list[tuple[int, str]] = field(default_factory=list)
-    # False until `joined` went out: ephemeral frames of the room are dropped until then.
-    open: bool = False
-    # When this connection last fanned out `typing` / `read` in the room (monotonic seconds).
-    typed_at: float = -1e9
-    read_at: float = -1e9
-    read_seq: int | None = None  # a marker waiting for the end of the read interval
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -308,21 +293,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         cursor = self.rooms.get(room)
         if cursor is None:
             return
-        if seq is None:
-            if cursor.open:
-                self.push_text(text)
-            return
-        if cursor.filling:
-            cursor.pending.append((seq, text))
-            return
-        if seq <= cursor.last_seq:
-            return  # already delivered (by a catch-up or a duplicate publish)
-        if seq > cursor.last_seq + 1:
-            cursor.pending.append((seq, text))
-            self._start_fill(room, announce=False)
-            return
-        cursor.last_seq = seq
-        self.push_text(text)
+        offer = cursor.offer(seq, text)
+        if offer is Offer.SEND:
+            self.push_text(text)
+        elif offer is Offer.FILL:
+            self._spawn(self._fill({room: cursor}, announce=False))
 
     def resync(self, room: int) -> None:
         cursor = self.rooms.get(room)
@@ -330,8 +305,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self._start_fill(room, announce=False)
 
     def _start_fill(self, room: int, announce: bool) -> None:
-        self.rooms[room].filling = True
-        self._spawn(self._fill({room: self.rooms[room]}, announce))
+        cursor = self.rooms[room]
+        cursor.filling = True
+        self._spawn(self._fill({room: cursor}, announce))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -369,22 +345,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 continue
             if room in latest:
                 # Too far behind to replay: the client reloads history instead.
-                cursor.last_seq = latest[room]
-                cursor.pending = [(s, t) for s, t in cursor.pending if s > cursor.last_seq]
+                cursor.skip_to(latest[room])
                 self.push({"type": "reload", "room": room, "last_seq": cursor.last_seq})
             else:
-                for frame in frames:
-                    if frame["seq"] > cursor.last_seq:
-                        cursor.last_seq = frame["seq"]
-                        self.push_text(dumps(frame))
+                for frame in cursor.catch_up(frames):
+                    self.push_text(dumps(frame))
                 if announce:
                     self.push({"type": "resumed", "room": room, "last_seq": cursor.last_seq})
             self._release(room, cursor)
 
     def _release(self, room: int, cursor: Cursor) -> None:
-        cursor.filling = False
-        pending, cursor.pending = sorted(cursor.pending), []
-        for seq, text in pending:
+        for seq, text in cursor.release():
             if self.rooms.get(room) is cursor:
                 self.deliver(room, seq, text)
 
@@ -551,9 +522,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         again: dict[int, Cursor] = {}
         for room, seq in wanted.items():
             cursor = self.rooms.get(room)
-            if cursor is not None and not cursor.filling:
-                cursor.last_seq = min(seq, cursor.last_seq)
-                cursor.filling = True
+            if cursor is not None and cursor.rewind(seq):
                 again[room] = cursor
         if again:
             self._spawn(self._fill(again, announce=True))
