@@ -25,7 +25,6 @@ import itertools
 import logging
 import random
 import time
-from collections import deque
 from typing import Any
 
 from channels.consumer import get_handler_name
@@ -37,6 +36,7 @@ from redis.exceptions import RedisError
 
 from chat import contract, fanout, metrics, services
 from chat.control_receiver import handle_control
+from chat.outbox import Outbox
 from chat.presence import PRESENCE
 from chat.process import STATE, ensure_heartbeat, process_id
 from chat.protocol import CloseCode, ErrorCode, ProtocolError, dumps, error_frame, parse
@@ -132,9 +132,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.rooms = {}
         self.bucket = TokenBucket(CONFIG.rate_per_second, CONFIG.rate_burst)
         # Created when there is something to write, dropped when written: idle sockets hold none.
-        self.outbox: deque[str | int] | None = None
-        self.outbox_chars = 0
-        self.writer: asyncio.Task[None] | None = None
+        self.outbox: Outbox | None = None
         self.catchup_slots: asyncio.Semaphore | None = None
         self.key = next(_connection_keys)
         self.bus = fanout.get_bus()
@@ -168,8 +166,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         STATE.remove(self, self.user_id)
         metrics.CONNECTIONS.dec()
         self.bus.unregister(self.key)
-        if self.writer is not None:
-            self.writer.cancel()
+        if self.outbox is not None:
+            self.outbox.cancel()
         for task in list(self.tasks or ()):
             task.cancel()
         return True
@@ -199,24 +197,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
             log.error("refusing to write a %d-character frame to connection %s", len(text), self.key)
             self.push_error(ErrorCode.INTERNAL, "a reply was too large to send")
             return
-        if self.outbox is None:
-            self.outbox = deque()
-            self.outbox_chars = 0
-        elif len(self.outbox) >= CONFIG.send_buffer_frames or self.outbox_chars + len(text) > CONFIG.send_buffer_bytes:
+        if not self._outbox().put(text):
             # It will `resume` on reconnect; holding more for it would slow everyone else.
             metrics.SLOW_CLOSES.inc()
             self._close_soon(CloseCode.TOO_SLOW, flush=False)
-            return
-        self.outbox.append(text)
-        self.outbox_chars += len(text)
-        self._wake_writer()
 
     def push_error(self, code: ErrorCode, message: str, ref: str | None = None, **extra: Any) -> None:
         metrics.ERRORS_OUT.labels(code=str(code)).inc()
         self.push(error_frame(code, message, ref, **extra))
 
     def backlog(self) -> int:
-        return len(self.outbox) if self.outbox else 0
+        return self.outbox.backlog() if self.outbox is not None else 0
 
     def close_for(self, code: int, error: str | None = None) -> None:
         """Close from outside the socket's own frames (revocation): the error frame, then close."""
@@ -228,48 +219,33 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.closing:
             return
         self.closing = True
-        if self.outbox is None or not flush:
-            self.outbox = deque()
-            self.outbox_chars = 0
-            if self.writer is not None:
-                # It may be waiting on a client that stopped reading: the close must not queue
-                # behind it. The frame it was sending is already written (or never will be).
-                self.writer.cancel()
-                self.writer = None
-        self.outbox.append(code)
-        self._wake_writer()
+        if flush:
+            self._outbox().close_after(code)
+        else:
+            self._outbox().close_now(code)
 
-    def _wake_writer(self) -> None:
-        if self.writer is None:
-            self.writer = asyncio.get_running_loop().create_task(self._write_loop())
+    def _outbox(self) -> Outbox:
+        if self.outbox is None:
+            self.outbox = Outbox(self, CONFIG.send_buffer_frames, CONFIG.send_buffer_bytes)
+        return self.outbox
 
-    async def _write_loop(self) -> None:
-        me = asyncio.current_task()
-        try:
-            while self.outbox:
-                item = self.outbox.popleft()
-                if isinstance(item, int):
-                    self.outbox = None
-                    await self.close(code=item)
-                    return
-                self.outbox_chars -= len(item)
-                try:
-                    # base_send directly: Channels' send() wraps it in two more coroutines per frame.
-                    await self.base_send({"type": "websocket.send", "text": item})
-                except Exception as exc:
-                    await self._write_failed(exc)
-                    return
-                metrics.DELIVERIES.inc()
+    # --- the outbox's sink (chat.outbox.Sink) ---
+
+    def outbox_idle(self, outbox: Outbox) -> None:
+        if self.outbox is outbox:
             self.outbox = None
-        finally:
-            if self.writer is me:
-                self.writer = None
 
-    async def _write_failed(self, exc: Exception) -> None:
+    async def write_frame(self, text: str) -> None:
+        # base_send directly: Channels' send() wraps it in two more coroutines per frame.
+        await self.base_send({"type": "websocket.send", "text": text})
+
+    async def close_with(self, code: int) -> None:
+        await self.close(code=code)
+
+    async def write_failed(self, exc: Exception) -> None:
         """A frame could not be written. If the client is gone, its disconnect is on its way; if
         not, the socket must not stay open delivering nothing: close it with 4011 so that the
         client reconnects and resumes from its last seq."""
-        self.outbox = None
         gone = self.closing or "Disconnect" in type(exc).__name__ or "Closed" in type(exc).__name__
         self.closing = True
         if gone:

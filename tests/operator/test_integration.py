@@ -133,8 +133,10 @@ async def test_workers_follow_queue_depth_to_zero_and_back(cluster: Cluster, ope
 
     fill_queue(redis_url, 35)
     await eventually(lambda: cluster.replicas("worker") == 4)  # ceil(35 / 10)
+    # The operator scales first and patches its status right after: wait for the status too
+    # (reading it at once raced that patch and saw the previous poll's depth, 0).
+    await eventually(lambda: cluster.platform().raw["status"]["queueDepth"]["chat.persist"] == 35)
     status = cluster.platform().raw["status"]
-    assert status["queueDepth"]["chat.persist"] == 35
     assert status["lastScaleReason"].startswith("worker: queue depth 35")
     await eventually(lambda: cluster.events("ScaledUp"))
 
@@ -198,7 +200,8 @@ async def test_protocol_scale_down_removes_least_loaded_pods_first(cluster: Clus
     assert costs == {"chat-protocol-a": "500", "chat-protocol-b": "10", "chat-protocol-c": "200",
                      "chat-protocol-d": "-1"}
     assert cluster.replicas("protocol") == 3  # one step at a time (maxScaleDownStep=1)
-    assert cluster.platform().raw["status"]["connections"] == 710
+    # The status is patched right after the scale: wait for it rather than race it.
+    await eventually(lambda: cluster.platform().raw["status"].get("connections") == 710)
     assert cluster.condition("MetricsAvailable")["status"] == "True"
     await eventually(lambda: cluster.replicas("protocol") == 1, timeout=10)  # ceil(710 / 1000)
 
