@@ -125,25 +125,22 @@ class PgStore:
 
     async def store_batch(self, items: list[dict[str, Any]]) -> list[Outcome]:
         conn = await self._connection()
-        try:
-            return await self._store(conn, items)
-        except TRANSIENT_ERRORS:
-            await self.close()
-            raise
-        except errors.UniqueViolation:
-            # A concurrent worker stored one of these retries between our dedupe and our insert
-            # (the rollback returned the seqs): once more, its row is now seen as a duplicate.
-            log.info("batch of %d raced another worker; storing it again", len(items))
-        except psycopg.Error as exc:
-            log.info("batch of %d failed (%s); storing its messages one by one", len(items), type(exc).__name__)
-            return await self._one_by_one(conn, items)
-        try:
-            return await self._store(conn, items)
-        except TRANSIENT_ERRORS:
-            await self.close()
-            raise
-        except psycopg.Error:
-            return await self._one_by_one(conn, items)
+        for attempt in (1, 2):
+            try:
+                return await self._store(conn, items)
+            except TRANSIENT_ERRORS:
+                await self.close()
+                raise
+            except errors.UniqueViolation:
+                if attempt == 2:
+                    break
+                # A concurrent worker stored one of these retries between our dedupe and our
+                # insert (the rollback returned the seqs): once more, its row is now a duplicate.
+                log.info("batch of %d raced another worker; storing it again", len(items))
+            except psycopg.Error as exc:
+                log.info("batch of %d failed (%s); storing its messages one by one", len(items), type(exc).__name__)
+                break
+        return await self._one_by_one(conn, items)
 
     async def _one_by_one(self, conn: psycopg.AsyncConnection[Any], items: list[dict[str, Any]]) -> list[Outcome]:
         outcomes: list[Outcome] = []
