@@ -38,12 +38,19 @@ def test_a_room_payload_parley_did_not_write_is_refused(bad):
         contract.decode_room_payload(bad)
 
 
-def test_a_reply_reaches_the_connection_it_was_addressed_to():
+def test_replies_reach_the_connections_they_were_addressed_to():
     pid, key = contract.split_reply_address(contract.reply_address("host|1234", 42))
     assert pid == "host|1234"
-    assert contract.decode_reply_payload(contract.encode_reply_payload(key, '{"type":"ack"}').encode()) == (
-        42, '{"type":"ack"}',
-    )
+    # A body with a newline: JSON escapes it, so entries still split where they should.
+    frames = ['{"type":"ack","seq":1}', '{"type":"error","message":"line\\nbreak"}']
+    payload = contract.encode_reply_payload([(key, frames[0]), (7, frames[1])])
+    assert contract.decode_reply_payload(payload.encode()) == [(42, frames[0]), (7, frames[1])]
+
+
+@pytest.mark.parametrize("bad", [b"1", b"x\n{}", b"1\n{}\n2", b"1\nnot json", b""])
+def test_a_reply_payload_parley_did_not_write_is_refused(bad):
+    with pytest.raises(ValueError):
+        contract.decode_reply_payload(bad)
 
 
 async def test_the_worker_and_the_operator_count_the_same_queue_depth():

@@ -17,7 +17,7 @@ platforms on one Redis never deliver each other's messages or count each other's
 | key or topic                  | type       | payload                                  | written by → read by        |
 |-------------------------------|------------|------------------------------------------|-----------------------------|
 | `<prefix>:room:<room id>`     | topic      | `<seq>\n<frame JSON>` (`*_room_payload`)  | workers, protocol → protocol|
-| `<prefix>:process:<pid>`      | topic      | `<conn key>\n<frame JSON>` (`*_reply_payload`) | workers → that process |
+| `<prefix>:process:<pid>`      | topic      | `<conn key>\n<frame JSON>` pairs (`*_reply_payload`) | workers → it |
 | `<prefix>:control`            | topic      | a JSON command (`chat.control`)          | HTTP views → every protocol |
 | `<prefix>:presence:<room id>` | sorted set | `<user id>:<username>`, score = expiry   | protocol → protocol         |
 | `<prefix>:proc:<pid>`         | hash + TTL | role, pod, connections, inbox, draining, ts | every process → operator |
@@ -82,14 +82,26 @@ def split_reply_address(address: str) -> tuple[str, str]:
     return pid, key
 
 
-def encode_reply_payload(key: str | int, frame_json: str) -> str:
-    return f"{key}\n{frame_json}"
+def encode_reply_payload(replies: list[tuple[str | int, str]]) -> str:
+    """Replies to sockets of one process, in one payload: `<key>\n<frame JSON>` per reply, joined
+    by newlines (compact JSON never holds a raw newline: json.dumps escapes it). A worker sends
+    one PUBLISH per process per batch, not one per ack."""
+    return "\n".join(f"{key}\n{frame_json}" for key, frame_json in replies)
 
 
-def decode_reply_payload(data: bytes) -> tuple[int, str]:
-    """(connection key, frame JSON) of a payload on a process topic; ValueError if malformed."""
-    key, _, body = data.partition(b"\n")
-    return int(key), body.decode()
+def decode_reply_payload(data: bytes) -> list[tuple[int, str]]:
+    """(connection key, frame JSON) of each reply in a process topic's payload; ValueError if
+    malformed (an odd number of lines, a key that is not a number, a frame that is not an
+    object)."""
+    lines = data.split(b"\n")
+    if len(lines) % 2:
+        raise ValueError("a reply payload holds key and frame lines in pairs")
+    replies = []
+    for key, body in zip(lines[::2], lines[1::2], strict=True):
+        if not (body.startswith(b"{") and body.endswith(b"}")):
+            raise ValueError("frame is not a JSON object")
+        replies.append((int(key), body.decode()))
+    return replies
 
 
 # --- room frames -------------------------------------------------------------------------------------

@@ -64,11 +64,13 @@ class Member(Protocol):
 
 async def publish_replies(replies: Iterable[tuple[str, str]]) -> None:
     """Send `(reply address, frame JSON)` pairs to their processes, one round trip per shard."""
-    messages = []
+    by_process: dict[str, list[tuple[str | int, str]]] = {}
     for address, frame_json in replies:
         pid, key = contract.split_reply_address(address)
-        messages.append((contract.process_topic(pid), contract.encode_reply_payload(key, frame_json)))
-    await _publish_by_shard(messages)
+        by_process.setdefault(pid, []).append((key, frame_json))
+    await _publish_by_shard([
+        (contract.process_topic(pid), contract.encode_reply_payload(mine)) for pid, mine in by_process.items()
+    ])
 
 
 async def publish(room: int, seq: int | None, frame_json: str) -> None:
@@ -292,10 +294,10 @@ class RoomBus:
 
     def dispatch(self, channel: bytes, data: bytes) -> None:
         if channel == self._control:
-            key, text = contract.decode_reply_payload(data)
-            connection = self.connections.get(key)
-            if connection is not None:
-                connection.push_text(text)
+            for key, text in contract.decode_reply_payload(data):
+                connection = self.connections.get(key)
+                if connection is not None:
+                    connection.push_text(text)
             return
         if channel == self._broadcast:
             command = json.loads(data)
