@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,8 +49,10 @@ sys.path[:0] = [str(REPO / "app"), str(REPO / "tools")]
 from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from stack import Stack  # noqa: E402
 
-# The reply topic's process id: acks for this run's messages come back on it.
-BENCH_PID = "bench-worker"
+# Acks come back on the reply topics of this many made-up protocol processes (`bench-worker-<n>`),
+# as in a deployment of that many protocol pods: a batch's acks go out in one PUBLISH per
+# process it has senders on, so one process only would flatter the worker.
+BENCH_PROCESSES = 50
 # The store paths compared, and the PARLEY_STORE value that selects each (on PostgreSQL).
 STORE_SETTING = {"async": "auto", "orm": "orm"}
 # A worker that has acked nothing for this long after the last message was sent is stuck.
@@ -101,9 +104,13 @@ def messages(plan: list[tuple[int, list[int]]], count: int, tag: str) -> list[di
         out.append({
             "type": "persist.message", "room": room, "sender": members[(n // len(plan)) % len(members)],
             "body": f"benchmark message {n} of {tag}", "kind": "text", "client_msg_id": f"{tag}-{n}",
-            "reply_to": f"{BENCH_PID}|{n}",
+            "reply_to": f"{bench_pid(n)}|{n}",
         })
     return out
+
+
+def bench_pid(n: int) -> str:
+    return f"bench-worker-{n % BENCH_PROCESSES}"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -120,24 +127,25 @@ class Acks:
         self.errors: dict[str, int] = {}
 
     async def listen(self, ready: asyncio.Event) -> None:
-        from chat.contract import process_topic
+        from chat.contract import decode_reply_payload, process_topic
         from chat.redis_pool import client_for
 
-        topic = process_topic(BENCH_PID)
-        pubsub = client_for(topic).pubsub()
-        await pubsub.subscribe(topic)
+        topics = [process_topic(bench_pid(n)) for n in range(BENCH_PROCESSES)]
+        pubsub = client_for(topics[0]).pubsub()
+        await pubsub.subscribe(*topics)
         ready.set()
         try:
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is None:
                     continue
-                key, _, frame = message["data"].decode().partition("\n")
-                parsed = json.loads(frame)
-                if parsed["type"] == "ack":
-                    self.at.setdefault(int(key), time.monotonic())
-                else:
-                    self.errors[parsed.get("code", "?")] = self.errors.get(parsed.get("code", "?"), 0) + 1
+                arrived = time.monotonic()
+                for key, frame in decode_reply_payload(message["data"]):
+                    parsed = json.loads(frame)
+                    if parsed["type"] == "ack":
+                        self.at.setdefault(key, arrived)
+                    else:
+                        self.errors[parsed.get("code", "?")] = self.errors.get(parsed.get("code", "?"), 0) + 1
         finally:
             await pubsub.aclose()
 
@@ -255,7 +263,8 @@ async def latency(stack: Stack, plan: list[tuple[int, list[int]]], rate: int, se
         # Warm up (Django start-up, first connections) on messages of their own.
         warm = messages(plan, 50, f"w-{path}")
         for m in warm:
-            m["reply_to"] = f"{BENCH_PID}|{10_000_000 + int(m['client_msg_id'].rsplit('-', 1)[1])}"
+            n = 10_000_000 + int(m["client_msg_id"].rsplit("-", 1)[1])
+            m["reply_to"] = f"{bench_pid(n)}|{n}"
         await put(layer, warm)
         await acks.wait_for(50, 60)
         acks.at.clear()
@@ -358,6 +367,8 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="py-spy the worker during the latency run")
     parser.add_argument("--record", action="store_true", help="also write the results to docs/benchmarks.json")
     args = parser.parse_args()
+    # `kill`/`timeout` send SIGTERM: stop the worker and Redis too, and drop the database.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     if not 1 <= args.messages <= 200_000 or not 1 <= args.rate <= 20_000 or not 0 < args.seconds <= 120:
         parser.error("bounded runs only: --messages 1..200000, --rate 1..20000, --seconds up to 120")
     VAR.mkdir(parents=True, exist_ok=True)
