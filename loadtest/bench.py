@@ -206,6 +206,9 @@ def parley_env(db_url: str) -> dict[str, str]:
         "PARLEY_RATE_BURST": "100000",
         "PARLEY_METRICS_PORT": "0",
         "DJANGO_SETTINGS_MODULE": "parley.settings",
+        # A local, throwaway stack: the development SECRET_KEY is fine (and required since the
+        # processes refuse to start with it otherwise).
+        "PARLEY_DEV": "1",
     }
 
 

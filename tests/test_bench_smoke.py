@@ -27,8 +27,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 def bench_env() -> dict[str, str]:
     env = dict(os.environ)
-    # The bench starts its own Redis and database; never the test run's.
-    for key in ("REDIS_URL", "REDIS_URLS", "DATABASE_URL", "DJANGO_SETTINGS_MODULE"):
+    # The bench starts its own Redis and database; never the test run's. And it runs from a
+    # user's shell, where neither PARLEY_DEV nor SECRET_KEY is set (`make bench` once failed
+    # there, while this test, run with the test run's PARLEY_DEV, passed).
+    for key in ("REDIS_URL", "REDIS_URLS", "DATABASE_URL", "DJANGO_SETTINGS_MODULE", "PARLEY_DEV", "SECRET_KEY"):
         env.pop(key, None)
     return env
 
