@@ -37,10 +37,9 @@ def handle_control(command: dict[str, Any]) -> None:
             log.info("closed %d sockets of user %d (revoked or deactivated)", len(sockets), user)
     elif isinstance(token := command.get("kick_token"), str):
         tokens.forget_token(token)
-        for conns in list(STATE.by_user.values()):
-            for conn in list(conns):
-                if getattr(conn, "token_hash", None) == token:
-                    conn.close_for(CloseCode.UNAUTHENTICATED, "this token was revoked; log in again")
+        for conn in list(STATE.connections):
+            if getattr(conn, "token_hash", None) == token:
+                conn.close_for(CloseCode.UNAUTHENTICATED, "this token was revoked; log in again")
     elif (room := _int(command.get("leave_room"))) is not None and (user := _int(command.get("user"))):
         for conn in STATE.of_user(user):
             remove = getattr(conn, "remove_from_room", None)
