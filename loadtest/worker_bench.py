@@ -42,11 +42,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 VAR = REPO / "var" / "bench"
 RECORD = REPO / "docs" / "benchmarks.json"
-POSTGRES_ADMIN = os.environ.get("PARLEY_BENCH_POSTGRES", "postgres://postgres@127.0.0.1:5432/postgres")
 DB_NAME = "parley_bench_worker"
-sys.path[:0] = [str(REPO / "app"), str(REPO / "tools")]
+sys.path[:0] = [str(REPO), str(REPO / "app"), str(REPO / "tools")]
 
 from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from loadtest.bench import POSTGRES_ADMIN, drop_database, prepare_database  # noqa: E402
+from loadtest.floods import percentile  # noqa: E402
 from stack import Stack  # noqa: E402
 
 # Acks come back on the reply topics of this many made-up protocol processes (`bench-worker-<n>`),
@@ -61,22 +62,6 @@ ACK_TIMEOUT = 60.0
 
 def log(message: str) -> None:
     print(f"[bench-worker {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def fresh_database() -> str:
-    import psycopg
-
-    with psycopg.connect(POSTGRES_ADMIN, connect_timeout=3, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{DB_NAME}"')
-    return f"{POSTGRES_ADMIN.rsplit('/', 1)[0]}/{DB_NAME}"
-
-
-def drop_database() -> None:
-    import psycopg
-
-    with psycopg.connect(POSTGRES_ADMIN, connect_timeout=3, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
 
 
 def seed(rooms: int, room_size: int) -> list[tuple[int, list[int]]]:
@@ -171,13 +156,6 @@ async def put(layer: Any, batch: list[dict[str, Any]]) -> None:
                 break
             except ChannelFull:
                 await asyncio.sleep(0.05)
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def throughput(stack: Stack, plan: list[tuple[int, list[int]]], count: int, path: str, connections: int) -> dict:
@@ -373,7 +351,7 @@ def main() -> int:
         parser.error("bounded runs only: --messages 1..200000, --rate 1..20000, --seconds up to 120")
     VAR.mkdir(parents=True, exist_ok=True)
     try:
-        db_url = fresh_database()
+        db_url, _ = prepare_database("postgres", DB_NAME)
     except Exception as exc:
         print(f"bench-worker needs PostgreSQL at {POSTGRES_ADMIN} ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 2
@@ -395,7 +373,7 @@ def main() -> int:
     finally:
         stack.stop()
         redis.stop()
-        drop_database()
+        drop_database(db_url)
     main_run = results["throughput"][0]
     reference = results["reference"]
     lat = results["latency"]

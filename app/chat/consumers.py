@@ -277,13 +277,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     def resync(self, room: int) -> None:
         cursor = self.rooms.get(room)
-        if cursor is not None and not cursor.filling:
-            self._start_fill(room, announce=False)
-
-    def _start_fill(self, room: int, announce: bool) -> None:
-        cursor = self.rooms[room]
-        cursor.filling = True
-        self._spawn(self._fill({room: cursor}, announce))
+        if cursor is not None and cursor.rewind(cursor.last_seq):
+            self._spawn(self._fill({room: cursor}, announce=False))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

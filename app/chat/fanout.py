@@ -264,7 +264,8 @@ class RoomBus:
             if members:
                 members.add(member)
                 return
-            await self._shard(contract.room_topic(room)).subscribe(contract.room_topic(room))
+            name = contract.room_topic(room)
+            await self._shard(name).subscribe(name)
             self.members[room] = {member}
             metrics.SUBSCRIBED_ROOMS.set(len(self.members))
 
@@ -279,9 +280,10 @@ class RoomBus:
                 return
             del self.members[room]
             self._locks.pop(room, None)
-            self._topic_rooms.pop(contract.room_topic(room).encode(), None)
+            name = contract.room_topic(room)
+            self._topic_rooms.pop(name.encode(), None)
             metrics.SUBSCRIBED_ROOMS.set(len(self.members))
-            await self._shard(contract.room_topic(room)).unsubscribe(contract.room_topic(room))
+            await self._shard(name).unsubscribe(name)
 
     def bad_payload(self, channel: bytes, exc: BaseException) -> None:
         self.bad_payloads += 1

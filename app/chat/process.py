@@ -73,7 +73,8 @@ class ProcessState:
     def add(self, conn: Connection, user_id: int) -> bool:
         """Count a socket in; False (and nothing counted) when its user is at the cap."""
         mine = self.by_user.get(user_id)
-        if len(self.of_user(user_id)) >= CONFIG.max_sockets_per_user:
+        held = 0 if mine is None else len(mine) if isinstance(mine, set) else 1
+        if held >= CONFIG.max_sockets_per_user:
             return False
         if mine is None:
             self.by_user[user_id] = conn

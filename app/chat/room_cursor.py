@@ -60,8 +60,9 @@ class Cursor:
         return Offer.SEND
 
     def rewind(self, seq: int) -> bool:
-        """A client's `resume` from `seq`: go back to it and fill. False if a fill is running
-        (it will deliver from the earlier position anyway)."""
+        """Go back to `seq` and fill: a client's `resume`, or (at the current position) a check
+        for what a lost subscription missed. False if a fill is running (it delivers from the
+        earlier position anyway)."""
         if self.filling:
             return False
         self.last_seq = min(seq, self.last_seq)

@@ -23,6 +23,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from chat.process import raise_if_cancelling
 from parley.sharding import inbox_key, shard_index
 
 log = logging.getLogger(__name__)
@@ -95,17 +96,6 @@ class ParleyChannelLayer(RedisChannelLayer):
         if not added:
             raise ChannelFull()
 
-    async def receive_ready(self, channel: str, limit: int) -> list[dict[str, Any]]:
-        """Up to `limit` messages already waiting on a named channel, in order, without blocking.
-
-        A worker calls it after a blocking receive returned one message: under load it takes a
-        batch per round trip instead of four round trips per message.
-        """
-        if limit <= 0:
-            return []
-        entries = await self.connection(self.consistent_hash(channel)).zpopmin(self.prefix + channel, limit)
-        return [self.deserialize(member) for member, _score in entries]
-
     async def receive_batch(self, channel: str, limit: int, timeout: float) -> list[dict[str, Any]]:
         """Up to `limit` messages of a named channel in order; [] after `timeout` s with none.
 
@@ -130,10 +120,7 @@ class ParleyChannelLayer(RedisChannelLayer):
                 popped = await connection.bzpopmin(key, timeout=timeout)
                 return [] if popped is None else [self.deserialize(popped[1])]
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                _raise_if_cancelling()
-                log.warning("channel layer receive on %s failed (%s); retrying in %.1fs", channel, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = await _wait_out_outage(channel, exc, delay)
 
     async def queue_depth(self, channel: str, now: float | None = None) -> int:
         """Messages waiting on a named channel, as the operator counts them
@@ -159,10 +146,7 @@ class ParleyChannelLayer(RedisChannelLayer):
             try:
                 return await super().receive(channel)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                _raise_if_cancelling()
-                log.warning("channel layer receive on %s failed (%s); retrying in %.1fs", channel, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = await _wait_out_outage(channel, exc, delay)
 
     async def receive_single(self, channel: str) -> tuple[str, dict[str, Any]]:
         if "!" not in channel:
@@ -170,13 +154,16 @@ class ParleyChannelLayer(RedisChannelLayer):
         return await super().receive_single(channel)
 
 
-def _raise_if_cancelling() -> None:
-    """redis-py turns a cancellation that lands in a blocking read into a ConnectionError: a
-    loop that waits out Redis outages must not wait out its own cancellation (the task would
-    never end, and event-loop shutdown would wait for it forever)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+async def _wait_out_outage(channel: str, exc: BaseException, delay: float) -> float:
+    """One step of a receive's retry loop during a Redis outage: the next delay (doubling to 5 s).
+
+    redis-py turns a cancellation that lands in a blocking read into a ConnectionError: a loop
+    that waits out Redis outages must not wait out its own cancellation (the task would never
+    end, and event-loop shutdown would wait for it forever)."""
+    raise_if_cancelling()
+    log.warning("channel layer receive on %s failed (%s); retrying in %.1fs", channel, exc, delay)
+    await asyncio.sleep(delay)
+    return min(delay * 2, 5.0)
 
 
 class _Repeat:
