@@ -34,7 +34,7 @@ from django.db.backends.utils import CursorWrapper
 from django.test import Client
 from django.utils import timezone
 
-from chat import contract, throttle, tokens, views
+from chat import contract, reads_pg, throttle, tokens, views
 from chat.models import ApiToken
 from chat.throttle import HandshakeLimiter, Verdict, address_key
 from parley.asgi import application
@@ -131,10 +131,22 @@ class QueryCounter:
         return execute
 
 
+    def wrap_async(self, original: Any) -> Any:
+        async def rows(sql: str, params: Any) -> Any:
+            if "chat_apitoken" in sql:
+                self.statements.append(sql)
+            return await original(sql, params)
+
+        return rows
+
+
 @pytest.fixture
 def token_queries(monkeypatch: pytest.MonkeyPatch) -> QueryCounter:
+    """Both read paths: the ORM's cursors (HTTP; handshakes on SQLite) and the protocol
+    process's async statements on PostgreSQL (`chat.reads_pg`)."""
     counter = QueryCounter()
     monkeypatch.setattr(CursorWrapper, "execute", counter(CursorWrapper.execute))
+    monkeypatch.setattr(reads_pg, "_rows", counter.wrap_async(reads_pg._rows))
     return counter
 
 
@@ -374,7 +386,7 @@ async def test_repeated_good_token_handshakes_cost_one_lookup(token_queries):
     before = len(token_queries.statements)
     for _ in range(20):
         assert await handshake(token, None) == ("hello", None)
-    lookups = [s for s in token_queries.statements[before:] if s.lstrip().upper().startswith("SELECT")]
+    lookups = [s for s in token_queries.statements[before:] if not s.lstrip().upper().startswith("UPDATE")]
     assert len(lookups) == 1
 
 

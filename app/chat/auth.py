@@ -15,19 +15,21 @@ Token lookups are cached briefly (`chat.tokens`), found or not.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.auth import AuthMiddlewareStack
-from channels.db import database_sync_to_async
 from channels.security.websocket import OriginValidator, WebsocketDenier
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
 
-from chat import throttle, tokens
+from chat import reads, throttle, tokens
 from chat.protocol import CloseCode, ErrorCode, dumps, error_frame
 from parley.config import CONFIG
+
+log = logging.getLogger(__name__)
 
 
 def token_from_scope(scope: dict[str, Any]) -> str | None:
@@ -55,8 +57,7 @@ class SocketUser:
         return self.username
 
 
-def socket_user_for_token(key: str) -> SocketUser | AnonymousUser:
-    info = tokens.find_token(key)
+def socket_user(info: tokens.TokenInfo | None) -> SocketUser | AnonymousUser:
     if info is None:
         return AnonymousUser()
     return SocketUser(info.user_id, info.username, info.key_hash)
@@ -75,13 +76,25 @@ def user_for_token(key: str) -> Any:
 async def refuse_handshake(receive: Any, send: Any) -> None:
     """Accept, say `rate_limited`, close 4029: the client learns to wait instead of retrying
     at once, as it would after a bare refusal (which looks like a network failure)."""
-    message = await receive()
-    if message.get("type") != "websocket.connect":
+    await _refuse(receive, send, ErrorCode.RATE_LIMITED,
+                  "too many handshakes from your address; retry in a few seconds", CloseCode.TOO_MANY_HANDSHAKES)
+
+
+async def _refuse(receive: Any, send: Any, error: ErrorCode, message: str, code: int) -> None:
+    """Accept, send one error frame, close with `code`: before any consumer exists."""
+    event = await receive()
+    if event.get("type") != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
-    frame = error_frame(ErrorCode.RATE_LIMITED, "too many handshakes from your address; retry in a few seconds")
-    await send({"type": "websocket.send", "text": dumps(frame)})
-    await send({"type": "websocket.close", "code": CloseCode.TOO_MANY_HANDSHAKES})
+    await send({"type": "websocket.send", "text": dumps(error_frame(error, message))})
+    await send({"type": "websocket.close", "code": code})
+
+
+async def refuse_unavailable(receive: Any, send: Any) -> None:
+    """The token could not be checked (database unreachable): say so, close 4013, so the client
+    reconnects after a delay instead of logging its user out."""
+    await _refuse(receive, send, ErrorCode.UNAVAILABLE, "cannot check your credentials right now; reconnect shortly",
+                  CloseCode.UNAVAILABLE)
 
 
 # What a connected socket's consumer needs of its handshake scope.
@@ -117,7 +130,12 @@ class TokenOrSessionAuth:
             return await WebsocketDenier()(scope, receive, send)
         key = token_from_scope(scope)
         if key is not None:
-            user = await database_sync_to_async(socket_user_for_token)(key)
+            try:
+                info = await reads.find_token(key)
+            except reads.DatabaseUnavailable as exc:
+                log.warning("token check failed: %s", exc)
+                return await refuse_unavailable(receive, send)
+            user = socket_user(info)
             # Rebinding drops this frame's hold on the handshake scope: the socket keeps only
             # what the consumer reads, not the request headers (cookies, user agent, ...).
             scope = connection_scope(scope, user)

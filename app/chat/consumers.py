@@ -34,7 +34,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from redis.exceptions import RedisError
 
-from chat import contract, fanout, metrics, services
+from chat import contract, fanout, metrics, reads, services
 from chat.control_receiver import handle_control
 from chat.outbox import Outbox
 from chat.presence import PRESENCE
@@ -300,11 +300,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             metrics.CATCHUPS.inc()
             after = {room: cursor.last_seq for room, cursor in cursors.items() if self.rooms.get(room) is cursor}
             try:
-                found = await database_sync_to_async(services.messages_after_many)(after, limit + 1)
+                found = await reads.messages_after_many(after, limit + 1)
                 behind = [room for room, frames in found.items() if len(frames) > limit]
-                latest = await database_sync_to_async(services.last_seqs)(behind) if behind else {}
-            except Exception:
-                log.exception("catch-up of %d rooms failed", len(after))
+                latest = await reads.last_seqs(behind) if behind else {}
+            except Exception as exc:
+                if isinstance(exc, reads.DatabaseUnavailable):
+                    log.warning("catch-up of %d rooms failed: %s", len(after), exc)
+                else:
+                    log.exception("catch-up of %d rooms failed", len(after))
                 for room, cursor in cursors.items():
                     if self.rooms.get(room) is cursor:
                         self.push_error(ErrorCode.UNAVAILABLE, "could not load missed messages; send resume", room=room)
@@ -345,7 +348,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         room_ids = room_ids[:max(room_left, 0)]
         if not room_ids:
             return {}
-        answers = await database_sync_to_async(services.join_rooms)(self.user_id, room_ids)
+        answers = await reads.join_rooms(self.user_id, room_ids)
         allowed: dict[int, dict[str, Any]] = {}
         for room, answer in answers.items():
             if isinstance(answer, ProtocolError):
@@ -366,7 +369,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 self.push_error(ErrorCode.UNAVAILABLE, "the room's message bus is unreachable; retry", ref, room=room)
         if not cursors:
             return {}
-        latest = await database_sync_to_async(services.last_seqs)(list(cursors))
+        latest = await reads.last_seqs(list(cursors))
         online = await PRESENCE.online_many(list(cursors))
         for room, cursor in list(cursors.items()):
             if self.rooms.get(room) is not cursor:
@@ -455,6 +458,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except (RedisError, OSError) as exc:
             log.warning("redis error handling a frame: %s", type(exc).__name__)
             self.push_error(ErrorCode.UNAVAILABLE, "a backend is unreachable; retry shortly", ref)
+        except reads.DatabaseUnavailable as exc:
+            log.warning("database unavailable handling a frame: %s", exc)
+            self.push_error(ErrorCode.UNAVAILABLE, "the database is unreachable; retry shortly", ref)
         except Exception:
             log.exception("frame handling failed")
             self.push_error(ErrorCode.INTERNAL, "internal error; the frame was not processed", ref)
@@ -466,7 +472,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         room = frame["room"]
         if room in self.rooms:
             # Joined already: answer again (membership re-checked), the cursor stays as it is.
-            answer = (await database_sync_to_async(services.join_rooms)(self.user_id, [room]))[room]
+            answer = (await reads.join_rooms(self.user_id, [room]))[room]
             if isinstance(answer, ProtocolError):
                 raise ProtocolError(answer.code, answer.message, ref)
             await self._push_joined(room, answer, ref)

@@ -54,6 +54,9 @@ class CloseCode:
     # Draining (the 4xxx twin of 1012 "service restart", which autobahn refuses to send):
     # reconnect after the `reconnect` frame's delay, then resume.
     SERVICE_RESTART = 4012
+    # The server cannot check the credentials right now (database unreachable): reconnect after
+    # a delay; the credentials are not at fault.
+    UNAVAILABLE = 4013
     TOO_MANY_HANDSHAKES = 4029
 
 

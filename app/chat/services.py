@@ -17,7 +17,7 @@ from django.db.models import F, Q, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 
-from chat import batch_plan
+from chat import batch_plan, join_rules
 from chat.batch_plan import Outcome, Reserved, StoredMessage, user_ref
 from chat.models import Bot, Membership, Message, Room
 from chat.protocol import ErrorCode, ProtocolError
@@ -55,53 +55,33 @@ def room_dict(room: Room, user_id: int | None = None) -> dict[str, Any]:
 # --- rooms and membership ---------------------------------------------------------------------
 
 
-def join_rooms(user_id: int, room_ids: list[int]) -> dict[int, dict[str, Any] | ProtocolError]:
-    """Make the user a member of each room that allows it (public groups; DMs, bot chats and
-    private groups need an existing membership), in a fixed number of queries for any count.
-
-    Rooms, the user's memberships and, for DMs and bot chats, the peer: three reads, and one
-    insert for the public groups the user is joining for the first time. The answer per room is
-    the room as the user sees it, or the ProtocolError that refuses it.
-    """
+def join_rooms(user_id: int, room_ids: list[int]) -> dict[int, join_rules.Answer]:
+    """Make the user a member of each room that allows it (`chat.join_rules`), in a fixed
+    number of queries for any count: rooms, the user's memberships and, for DMs and bot chats,
+    the peer; and one insert for the public groups the user is joining for the first time.
+    (`chat.reads_pg.join_rooms` is the same on PostgreSQL, in one statement.)"""
     rooms = {room.pk: room for room in Room.objects.filter(pk__in=room_ids)}
-    memberships = {
-        m.room_id: m for m in Membership.objects.filter(user_id=user_id, room_id__in=list(rooms))
-    }
-    answers: dict[int, dict[str, Any] | ProtocolError] = {}
-    new_members = []
-    for room_id in room_ids:
-        room = rooms.get(room_id)
-        if room is None:
-            answers[room_id] = ProtocolError(ErrorCode.NOT_FOUND, f"room {room_id} does not exist")
-        elif room_id not in memberships and not (room.kind == Room.Kind.GROUP and not room.private):
-            answers[room_id] = ProtocolError(ErrorCode.FORBIDDEN, f"you are not a member of room {room_id}")
-        elif room_id not in memberships:
-            new_members.append(Membership(room=room, user_id=user_id))
-    if new_members:
-        # ignore_conflicts: a second socket of the same user may join at the same moment.
-        Membership.objects.bulk_create(new_members, ignore_conflicts=True)
-    pairs = [r for r in rooms.values() if r.kind in (Room.Kind.DM, Room.Kind.BOT) and r.pk in memberships]
+    read_seqs = dict(
+        Membership.objects.filter(user_id=user_id, room_id__in=list(rooms)).values_list("room_id", "last_read_seq")
+    )
+    pairs = [pk for pk, room in rooms.items() if room.kind in join_rules.PAIR_KINDS and pk in read_seqs]
     peers: dict[int, tuple[int, str]] = {}
     if pairs:
         for room_id, peer_id, peer_name in (
-            Membership.objects.filter(room_id__in=[r.pk for r in pairs]).exclude(user_id=user_id)
+            Membership.objects.filter(room_id__in=pairs).exclude(user_id=user_id)
             .values_list("room_id", "user_id", "user__username")
         ):
             peers[room_id] = (peer_id, peer_name)
-    for room_id in room_ids:
-        if room_id in answers:
-            continue
-        room = rooms[room_id]
-        data: dict[str, Any] = {
-            "id": room.pk, "name": room.name, "kind": room.kind, "private": room.private,
-            "last_seq": room.last_seq,
-        }
-        if room_id in peers:
-            data["name"] = peers[room_id][1]
-            data["peer"] = user_ref(*peers[room_id])
-        membership = memberships.get(room_id)
-        data["last_read_seq"] = membership.last_read_seq if membership else 0
-        answers[room_id] = data
+    facts = {
+        pk: join_rules.RoomFacts(pk, room.name, room.kind, room.private, room.last_seq, read_seqs.get(pk),
+                                 *peers.get(pk, (None, None)))
+        for pk, room in rooms.items()
+    }
+    answers, new_member_of = join_rules.answer_joins(room_ids, facts)
+    if new_member_of:
+        # ignore_conflicts: a second socket of the same user may join at the same moment.
+        Membership.objects.bulk_create([Membership(room_id=pk, user_id=user_id) for pk in new_member_of],
+                                       ignore_conflicts=True)
     return answers
 
 

@@ -84,8 +84,9 @@ def _sql() -> dict[str, str]:
     }
 
 
-def conninfo_from_django(alias: str = "default") -> str:
-    """The connection string of Django's database `alias` (the test database under pytest)."""
+def conninfo_from_django(application_name: str = "parley-worker", alias: str = "default") -> str:
+    """The connection string of Django's database `alias` (the test database under pytest),
+    named in `pg_stat_activity` as `application_name`."""
     from django.db import connections
 
     settings = connections[alias].settings_dict
@@ -96,7 +97,7 @@ def conninfo_from_django(alias: str = "default") -> str:
         "host": settings.get("HOST") or None,
         "port": settings.get("PORT") or None,
         "connect_timeout": CONNECT_TIMEOUT,
-        "application_name": "parley-worker",
+        "application_name": application_name,
     }
     for key, value in (settings.get("OPTIONS") or {}).items():
         if isinstance(value, str | int):  # libpq options (sslmode, ...); not Django's own objects

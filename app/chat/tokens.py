@@ -128,28 +128,44 @@ def forget_user(user_id: int) -> None:
 
 
 def find_token(plaintext: str) -> TokenInfo | None:
-    """The live token of an active user this plaintext is, or None. Cached both ways."""
-    if not isinstance(plaintext, str) or not TOKEN_SHAPE.fullmatch(plaintext):
-        return None
-    key_hash = hash_token(plaintext)
+    """The live token of an active user this plaintext is, or None. Cached both ways.
+    (`chat.reads.find_token` is the same for the protocol process, async.)"""
+    key_hash, hit, info = cached(plaintext)
+    if hit or key_hash is None:
+        return info
     now = timezone.now()
-    hit, info = CACHE.get(key_hash)
-    if hit:
-        return info if info is not None and info.expires_at > now else None
     row = (
         ApiToken.objects.filter(key_hash=key_hash, expires_at__gt=now, user__is_active=True)
         .values_list("pk", "user_id", "user__username", "expires_at", "last_used")
         .first()
     )
-    if row is None:
-        CACHE.put(key_hash, None)
-        return None
-    token_id, user_id, username, expires_at, last_used = row
-    if last_used is None or now - last_used >= LAST_USED_PRECISION:
-        ApiToken.objects.filter(pk=token_id).update(last_used=now)
-    info = TokenInfo(token_id, key_hash, user_id, username, expires_at)
+    if row is not None and (row[4] is None or row[4] <= stale_before(now)):
+        ApiToken.objects.filter(pk=row[0]).update(last_used=now)
+    return remember(key_hash, row[:4] if row is not None else None)
+
+
+def cached(plaintext: Any) -> tuple[str | None, bool, TokenInfo | None]:
+    """(hash, found in the cache, the live token): the hash is None for something that cannot
+    be a token at all, which is refused before it costs a hash, a cache slot or a query."""
+    if not isinstance(plaintext, str) or not TOKEN_SHAPE.fullmatch(plaintext):
+        return None, True, None
+    key_hash = hash_token(plaintext)
+    hit, info = CACHE.get(key_hash)
+    if hit and info is not None and info.expires_at <= timezone.now():
+        info = None
+    return key_hash, hit, info
+
+
+def remember(key_hash: str, row: tuple[int, int, str, datetime] | None) -> TokenInfo | None:
+    """Cache what the database said of a hash: (token id, user id, username, expiry) or None."""
+    info = TokenInfo(row[0], key_hash, row[1], row[2], row[3]) if row is not None else None
     CACHE.put(key_hash, info)
     return info
+
+
+def stale_before(now: datetime) -> datetime:
+    """`last_used` older than this is written again on the token's next use."""
+    return now - LAST_USED_PRECISION
 
 
 def create_token(user: Any, name: str = "") -> tuple[ApiToken, str]:

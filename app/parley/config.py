@@ -132,9 +132,16 @@ class Config:
     # local database (docs/benchmarks.md, "Worker throughput") and costs the database 4
     # connections per worker process. At a trickle only one is used. SQLite always uses one.
     store_connections: int = field(default_factory=lambda: max(1, _int("PARLEY_STORE_CONNECTIONS", 4)))
-    # `auto`: the async path on PostgreSQL, the ORM elsewhere. `orm`: the ORM path everywhere
-    # (the path before issue 11: a fallback, and the benchmark's comparison).
+    # `auto`: on PostgreSQL, the worker stores (`chat.store_pg`) and the protocol processes read
+    # (`chat.reads_pg`) with async psycopg on their own loops; the ORM elsewhere. `orm`: the ORM
+    # path everywhere (the path before issue 11: a fallback, and the benchmarks' comparison).
     store: str = field(default_factory=lambda: _choice("PARLEY_STORE", "auto", ("auto", "orm")))
+    # Connections each protocol process reads through on PostgreSQL (token lookups, joins,
+    # catch-ups; `chat.reads_pg`). Each read is one short statement, so a few connections keep
+    # up with a process's core: 4 connected and joined as fast as 8 on our machines
+    # (docs/benchmarks.md, "Connects, joins, resumes"). The database's budget is this times the
+    # protocol processes, plus PARLEY_STORE_CONNECTIONS times the workers.
+    protocol_db_connections: int = field(default_factory=lambda: max(1, _int("PARLEY_PROTOCOL_DB_CONNECTIONS", 4)))
     drain_seconds: float = field(default_factory=lambda: _float("PARLEY_DRAIN_SECONDS", 30.0))
     # The jittered reconnect delay told to clients when a protocol process drains.
     reconnect_jitter_ms: int = field(default_factory=lambda: _int("PARLEY_RECONNECT_JITTER_MS", 5000))
