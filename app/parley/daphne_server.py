@@ -33,6 +33,7 @@ from collections import deque
 from functools import partial
 from typing import Any
 
+import autobahn.websocket.protocol as autobahn_protocol
 import daphne.server
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
@@ -193,6 +194,13 @@ class LeanWebSocketFactory(WebSocketFactory):
         return super().buildProtocol(addr)
 
 
+def skip_option_dump() -> None:
+    """autobahn pretty-prints its ~45 options on every connection for a debug line that is then
+    dropped (the text is built before the logger decides): ~4 % of a protocol process's CPU in
+    a connect storm (py-spy, docs/benchmarks.md). Parley never logs autobahn at debug level."""
+    autobahn_protocol.pformat = lambda _options: "(not formatted: parley.daphne_server.skip_option_dump)"
+
+
 class LeanServer(Server):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -204,6 +212,7 @@ class LeanServer(Server):
     def run(self) -> None:
         # Daphne builds its WebSocket factory inside run(), by the module-level name.
         daphne.server.WebSocketFactory = LeanWebSocketFactory
+        skip_option_dump()
         super().run()
 
     def create_application(self, protocol: Any, scope: dict[str, Any]) -> ApplicationInbox | None:
