@@ -34,7 +34,7 @@ from django.db.backends.utils import CursorWrapper
 from django.test import Client
 from django.utils import timezone
 
-from chat import contract, reads_pg, throttle, tokens, views
+from chat import contract, reads, reads_pg, throttle, tokens, views
 from chat.models import ApiToken
 from chat.throttle import HandshakeLimiter, Verdict, address_key
 from parley.asgi import application
@@ -588,3 +588,18 @@ def test_register_with_login_needs_json_and_the_csrf_token(monkeypatch):
     status, created, _ = api(Client(enforce_csrf_checks=True), "post", "/api/auth/register",
                              body={"username": "program", "password": "plum-orbit-72"})
     assert status == 201 and created["token"] and created["expires_at"]
+
+
+async def test_a_handshake_whose_token_cannot_be_checked_is_told_to_come_back(monkeypatch):
+    """Database unreachable: not 'log in again' (4001), but 'reconnect later' (4013)."""
+    _, token = await database_sync_to_async(make_user)("alice")
+    tokens.CACHE.clear()
+
+    class Unreachable:
+        async def find_token(self, plaintext: str) -> None:
+            raise reads.DatabaseUnavailable("connection refused")
+
+    monkeypatch.setattr(reads, "backend", lambda: Unreachable())
+    assert await handshake(token, None) == ("unavailable", 4013)
+    monkeypatch.undo()
+    assert await handshake(token, None) == ("hello", None)
