@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -10,7 +11,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
-from chat import fanout
+from chat import consumers, fanout, presence
 from chat.models import Membership, Message, Room
 from chat.protocol import dumps
 from chat.services import create_group, open_dm, store_batch
@@ -301,6 +302,33 @@ async def test_a_lost_publish_is_repaired_from_the_database():
     await a.expect("pong")
     assert a.seqs(room.pk) == [1, 2, 3]
     await a.close()
+
+
+async def test_a_crowded_room_lists_some_of_its_online_users_and_announces_no_arrivals(monkeypatch):
+    # PARLEY_PRESENCE_MAX = 2: the third user online makes the room crowded.
+    crowded = dataclasses.replace(presence.CONFIG, presence_max=2)
+    monkeypatch.setattr(presence, "CONFIG", crowded)
+    monkeypatch.setattr(consumers, "CONFIG", crowded)
+    users = [await amake_user(name) for name in ("alice", "bob", "carol")]
+    room = await database_sync_to_async(create_group)(users[0][0], "stage", False)
+    a, b, c = [await connect(token) for _, token in users]
+    assert (await a.join(room.pk))["online_count"] == 1
+    joined = await b.join(room.pk)
+    assert (len(joined["online"]), joined["online_count"]) == (2, 2)
+    await a.expect("presence", status="online", user={"id": users[1][0].pk, "username": "bob"})
+
+    joined = await c.join(room.pk)
+    # Two listed (the first by id), three counted.
+    assert [u["username"] for u in joined["online"]] == ["alice", "bob"] and joined["online_count"] == 3
+    await c.send({"type": "typing", "room": room.pk})
+    await a.expect("typing")  # published after carol's arrival would have been
+    assert not [f for f in a.frames if f["type"] == "presence" and f["user"]["username"] == "carol"]
+    await c.close()
+    await b.send({"type": "typing", "room": room.pk})
+    await a.expect("typing", user={"id": users[1][0].pk, "username": "bob"})
+    assert not [f for f in a.frames if f["type"] == "presence" and f["status"] == "offline"]
+    await a.close()
+    await b.close()
 
 
 async def test_history_pages_backwards(worker):

@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 from chat import contract, fanout, metrics, reads, services
 from chat.control_receiver import handle_control
 from chat.outbox import Outbox
-from chat.presence import PRESENCE
+from chat.presence import PRESENCE, Online
 from chat.process import STATE, ensure_heartbeat, process_id
 from chat.protocol import CloseCode, ErrorCode, ProtocolError, dumps, error_frame, parse
 from chat.ratelimit import TokenBucket
@@ -379,27 +379,33 @@ class ChatConsumer(AsyncWebsocketConsumer):
             info["last_seq"] = latest.get(room, info["last_seq"])
             from_seq = wanted[room]
             cursor.last_seq = info["last_seq"] if from_seq is None else min(from_seq, info["last_seq"])
-            self._push_joined_now(room, info, online.get(room, []), ref)
+            cursor.quiet = online[room].crowded
+            self._push_joined_now(room, info, online[room], ref)
             cursor.open = True
         return cursors
 
-    async def _arrive_many(self, rooms: list[int]) -> None:
-        """Presence of a `join` or `resume`: one pipelined round trip per shard, not two per room."""
-        first = [room for room in rooms if PRESENCE.arrive(room, self.user_id, self.username)]
+    async def _arrive_many(self, cursors: dict[int, Cursor]) -> None:
+        """Presence of a `join` or `resume`: one pipelined round trip per shard, not two per room;
+        announced in the rooms that are not crowded."""
+        first = [room for room in cursors if PRESENCE.arrive(room, self.user_id, self.username)]
         if not first:
             return
         await PRESENCE.mark_online_many(first, self.user_id, self.username)
         me = self._me()
         await fanout.publish_many(
-            (room, None, dumps({"type": "presence", "room": room, "user": me, "status": "online"})) for room in first
+            (room, None, dumps({"type": "presence", "room": room, "user": me, "status": "online"}))
+            for room in first if not cursors[room].quiet
         )
 
     async def _detach(self, room: int) -> None:
-        if self.rooms.pop(room, None) is None:
+        cursor = self.rooms.pop(room, None)
+        if cursor is None:
             return
         await self.bus.leave(room, self)
         if PRESENCE.depart(room, self.user_id):
             await PRESENCE.mark_offline(room, self.user_id, self.username)
+            if cursor.quiet:
+                return
             frame = {"type": "presence", "room": room, "user": self._me(), "status": "offline"}
             await fanout.publish(room, None, dumps(frame))
 
@@ -480,15 +486,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
         cursors = await self._attach_many({room: None}, ref)
         if room in cursors:
             self._release(room, cursors[room])
-            await self._arrive_many([room])
+            await self._arrive_many(cursors)
 
     async def _push_joined(self, room: int, info: dict[str, Any], ref: str | None) -> None:
         self._push_joined_now(room, info, await PRESENCE.online(room), ref)
 
-    def _push_joined_now(self, room: int, info: dict[str, Any], online: list[dict[str, Any]], ref: str | None) -> None:
-        if all(user["id"] != self.user_id for user in online):
-            online = [*online, self._me()]
-        self.push({"type": "joined", "room": room, "info": info, "online": online, "ref": ref})
+    def _push_joined_now(self, room: int, info: dict[str, Any], online: Online, ref: str | None) -> None:
+        users, count = online
+        if all(user["id"] != self.user_id for user in users):
+            # Marked online only after `joined`: count this user in, and list it while the list
+            # has room (best effort: a crowded room's count may include a second socket of it).
+            count += 1
+            if len(users) < CONFIG.presence_max:
+                users = [*users, self._me()]
+        self.push({"type": "joined", "room": room, "info": info, "online": users, "online_count": count, "ref": ref})
 
     async def on_leave(self, frame: dict[str, Any], ref: str | None) -> None:
         await self._detach(frame["room"])
@@ -508,7 +519,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if cursors:
             # joined (sent), then the missed messages, then resumed: a client can rebuild each room.
             self._spawn(self._fill(cursors, announce=True))
-            await self._arrive_many(list(cursors))
+            await self._arrive_many(cursors)
 
     async def on_send(self, frame: dict[str, Any], ref: str | None) -> None:
         room = frame["room"]

@@ -4,12 +4,17 @@ Each protocol process counts its local (room, user) connections. The first local
 user in a room publishes `presence online`, the last one `offline`. The room's online set is a
 Redis sorted set `<prefix>:presence:<room>` (`chat.contract`) scored by expiry time; each process refreshes its
 local entries with its heartbeat, so a crashed process's users fall out after the TTL.
+
+In a crowded room (PARLEY_PRESENCE_MAX users online or more) arrivals and departures are not
+announced: each would be a frame to every member, members² frames for a room's reconnect storm.
+Its `joined` frames list PARLEY_PRESENCE_MAX users and give the count.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import NamedTuple
 
 from chat.contract import presence_key, room_topic
 from chat.redis_pool import client_for
@@ -24,6 +29,18 @@ def _shard_key(room: int) -> str:
 def _member(user: int, username: str) -> str:
     # Usernames cannot contain ":" (Django's validator), so "<id>:<name>" splits unambiguously.
     return f"{user}:{username}"
+
+
+class Online(NamedTuple):
+    """Who is online in a room: up to PARLEY_PRESENCE_MAX users (ordered by id), and how many."""
+
+    users: list[dict[str, int | str]]
+    count: int
+
+    @property
+    def crowded(self) -> bool:
+        """Too many online for live presence frames (PARLEY_PRESENCE_MAX, `parley.config`)."""
+        return self.count >= CONFIG.presence_max
 
 
 class PresenceBook:
@@ -76,29 +93,33 @@ class PresenceBook:
         await client_for(_shard_key(room)).zrem(presence_key(room), _member(user, username))
 
     @staticmethod
-    async def online(room: int) -> list[dict[str, int | str]]:
-        """Users online in the room, as `{"id", "username"}`, ordered by id."""
+    async def online(room: int) -> Online:
         return (await PresenceBook.online_many([room]))[room]
 
     @staticmethod
-    async def online_many(rooms: list[int]) -> dict[int, list[dict[str, int | str]]]:
-        """`online` of many rooms in one pipelined round trip per shard (a 500-room `resume`)."""
+    async def online_many(rooms: list[int]) -> dict[int, Online]:
+        """`Online` of many rooms in one pipelined round trip per shard (a 500-room `resume`).
+        At most PARLEY_PRESENCE_MAX users are read per room, whatever its size."""
         by_shard: dict[int, list[int]] = {}
         for room in rooms:
             by_shard.setdefault(id(client_for(_shard_key(room))), []).append(room)
         now = time.time()
-        result: dict[int, list[dict[str, int | str]]] = {}
+        most = CONFIG.presence_max
+        result: dict[int, Online] = {}
         for shard_rooms in by_shard.values():
             pipe = client_for(_shard_key(shard_rooms[0])).pipeline(transaction=False)
             for room in shard_rooms:
-                pipe.zrangebyscore(presence_key(room), now, "+inf")
-            for room, members in zip(shard_rooms, await pipe.execute(), strict=True):
+                pipe.zrangebyscore(presence_key(room), now, "+inf", start=0, num=most)
+                pipe.zcount(presence_key(room), now, "+inf")
+            answers = await pipe.execute()
+            for index, room in enumerate(shard_rooms):
+                members, count = answers[2 * index], answers[2 * index + 1]
                 users = []
                 for member in members:
                     user_id, _, username = member.decode(errors="replace").partition(":")
                     if user_id.isdigit():  # anything else was not written by Parley: skip it
                         users.append({"id": int(user_id), "username": username})
-                result[room] = sorted(users, key=lambda u: u["id"])
+                result[room] = Online(sorted(users, key=lambda u: u["id"]), max(count, len(users)))
         return result
 
     async def beat(self) -> None:

@@ -100,8 +100,7 @@ class ConnectionPool:
     """Up to `size` connections of one event loop, made when needed, dropped when broken.
 
     Connections stay open while idle: a protocol process reads all the time, and one open
-    connection costs the database little (size it in docs/operations.md, "Database
-    connections").
+    connection costs the database little (docs/operations.md sizes `max_connections`).
     """
 
     def __init__(self, conninfo: str, size: int) -> None:

@@ -42,6 +42,9 @@ class Cursor:
     typed_at: float = -1e9
     read_at: float = -1e9
     read_seq: int | None = None  # a marker waiting for the end of the read interval
+    # The room was crowded when joined (`chat.presence.Online.crowded`): this connection's user
+    # arrives and leaves unannounced.
+    quiet: bool = False
 
     def offer(self, seq: int | None, text: str) -> Offer:
         """Decide about a live frame; SEND advances the cursor, HOLD and FILL keep the frame."""

@@ -142,6 +142,12 @@ class Config:
     # (docs/benchmarks.md, "Connects, joins, resumes"). The database's budget is this times the
     # protocol processes, plus PARLEY_STORE_CONNECTIONS times the workers.
     protocol_db_connections: int = field(default_factory=lambda: max(1, _int("PARLEY_PROTOCOL_DB_CONNECTIONS", 4)))
+    # Presence in crowded rooms. Each arrival is a frame to every member online, so a room's
+    # reconnect storm costs members² frames: 400 for a room of 20, 4 million for a live event
+    # of 2,000 (docs/benchmarks.md, "Joins"). In a room with at least this many users online,
+    # arrivals and departures are not announced, and `joined` lists this many of them with
+    # `online_count` for the rest. 100 keeps every team room's presence live.
+    presence_max: int = field(default_factory=lambda: max(1, _int("PARLEY_PRESENCE_MAX", 100)))
     drain_seconds: float = field(default_factory=lambda: _float("PARLEY_DRAIN_SECONDS", 30.0))
     # The jittered reconnect delay told to clients when a protocol process drains.
     reconnect_jitter_ms: int = field(default_factory=lambda: _int("PARLEY_RECONNECT_JITTER_MS", 5000))

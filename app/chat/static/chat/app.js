@@ -419,6 +419,10 @@ const handlers = {
     room.joinedOnce = true;
     for (const user of frame.online || []) learnUser(user);
     room.online = new Set((frame.online || []).map((user) => user.id));
+    // A crowded room lists some of its users and counts them all (and has no live presence):
+    // keep its count; elsewhere the list is whole and presence frames keep it current.
+    const listed = (frame.online || []).length;
+    room.onlineCount = (frame.online_count || 0) > listed ? frame.online_count : 0;
     renderRoomLists();
     if (request && request.select) selectRoom(room.id);
     else if (room.id === selectedId) renderHeader();
@@ -793,7 +797,8 @@ function renderHeader() {
   el.roomTitle.textContent = roomLabel(room);
   const others = [...room.online].filter((id) => id !== me.id);
   const named = others.filter((id) => usernames.has(id)).map(nameOf).sort();
-  const unnamed = others.length - named.length;
+  const counted = Math.max(others.length, (room.onlineCount || 0) - (room.online.has(me.id) ? 1 : 0));
+  const unnamed = counted - named.length;
   if (unnamed) named.push(`${unnamed} ${unnamed === 1 ? "other" : "others"}`);
   if (!socketReady()) el.presence.textContent = "";
   else if (named.length) el.presence.textContent = `Online: ${named.join(named.length === 2 && unnamed ? " and " : ", ")}`;
