@@ -164,3 +164,34 @@ def test_autobahn_still_formats_its_options_per_connection_through_the_name_we_r
         assert autobahn_protocol.pformat([("openHandshakeTimeout", 5, "x")]).startswith("(not formatted")
     finally:
         autobahn_protocol.pformat = original
+
+
+async def test_frames_go_out_at_once_when_the_server_can_and_in_order_when_it_cannot():
+    """The consumer writes through the server's `write_now` while nothing waits, and falls back
+    to its outbox (and stays there until it is written out) as soon as the server says no."""
+    from chat.consumers import ChatConsumer
+
+    written: list[str] = []
+    accepting = [True]
+
+    def write_now(text: str) -> bool:
+        if accepting[0]:
+            written.append(f"now:{text}")
+        return accepting[0]
+
+    async def base_send(message: dict) -> None:
+        written.append(f"sent:{message['text']}")
+
+    consumer = ChatConsumer()
+    consumer.base_send, consumer.write_now, consumer.outbox, consumer.key = base_send, write_now, None, 1
+    consumer.push_text("a")
+    assert written == ["now:a"] and consumer.outbox is None  # no queue, no task
+    accepting[0] = False
+    consumer.push_text("b")
+    accepting[0] = True
+    consumer.push_text("c")  # behind "b": through the outbox, not ahead of it
+    await asyncio.wait_for(consumer.outbox.writer, 5)  # written out, then let go
+    assert consumer.outbox is None
+    assert written == ["now:a", "sent:b", "sent:c"]
+    consumer.push_text("d")
+    assert written[-1] == "now:d"

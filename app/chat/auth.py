@@ -98,7 +98,7 @@ async def refuse_unavailable(receive: Any, send: Any) -> None:
 
 
 # What a connected socket's consumer needs of its handshake scope.
-CONNECTION_SCOPE_KEYS = ("type", "asgi", "path", "root_path", "client", "server", "subprotocols")
+CONNECTION_SCOPE_KEYS = ("type", "asgi", "path", "root_path", "client", "server", "subprotocols", "extensions")
 
 
 def connection_scope(scope: dict[str, Any], user: Any) -> dict[str, Any]:

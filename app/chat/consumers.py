@@ -25,6 +25,7 @@ import itertools
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from channels.consumer import get_handler_name
@@ -68,6 +69,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     admitted = False
     closing = False
     limited_at = -1e9  # when this connection was last told `rate_limited`
+    # The server's synchronous write, when it offers one (`contract.WRITE_NOW_EXTENSION`).
+    write_now: Callable[[str], bool] | None = None
     token_hash: str | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -129,6 +132,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
             return
         self.admitted = True
+        self.write_now = (self.scope.get("extensions") or {}).get(contract.WRITE_NOW_EXTENSION)
         self.rooms = {}
         self.bucket = TokenBucket(CONFIG.rate_per_second, CONFIG.rate_burst)
         # Created when there is something to write, dropped when written: idle sockets hold none.
@@ -196,6 +200,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # that is not is a bug, and the servers would refuse it anyway. Say so, keep going.
             log.error("refusing to write a %d-character frame to connection %s", len(text), self.key)
             self.push_error(ErrorCode.INTERNAL, "a reply was too large to send")
+            return
+        if self.outbox is None and self.write_now is not None and self.write_now(text):
+            # Nothing was waiting and the server took it at once: no queue, no writer task.
+            metrics.DELIVERIES.inc()
             return
         if not self._outbox().put(text):
             # It will `resume` on reconnect; holding more for it would slow everyone else.

@@ -165,3 +165,11 @@ def heartbeat_key(pid: str) -> str:
 
 def heartbeat_pattern() -> str:
     return CONFIG.key("proc:*")
+
+
+# --- between the protocol server and the app, in one process -------------------------------------
+
+# ASGI scope extension: a callable `(text) -> bool` that writes a text frame at once when the
+# socket can take it without waiting, else returns False (send it through ASGI `send()`).
+# Offered by `parley.daphne_server`; the consumer uses it when present.
+WRITE_NOW_EXTENSION = "parley.write_now"
