@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -346,7 +347,8 @@ async def test_history_pages_backwards(worker):
     await a.close()
 
 
-async def test_typing_read_and_presence_reach_other_members(worker):
+async def test_typing_read_and_presence_reach_other_members(worker, monkeypatch):
+    monkeypatch.setattr(presence, "CONFIG", dataclasses.replace(presence.CONFIG, presence_grace_seconds=0.3))
     alice, alice_token = await amake_user("alice")
     bob, bob_token = await amake_user("bob")
     room = await database_sync_to_async(create_group)(alice, "team", False)
@@ -355,8 +357,8 @@ async def test_typing_read_and_presence_reach_other_members(worker):
     b = await connect(bob_token)
     joined = await b.join(room.pk)
     assert joined["online"] == [{"id": alice.pk, "username": "alice"}, {"id": bob.pk, "username": "bob"}]
-    presence = await a.expect("presence", status="online", user={"id": bob.pk, "username": "bob"})
-    assert presence["room"] == room.pk
+    online = await a.expect("presence", status="online", user={"id": bob.pk, "username": "bob"})
+    assert online["room"] == room.pk
 
     await a.send({"type": "typing", "room": room.pk})
     typing = await b.expect("typing")
@@ -371,9 +373,36 @@ async def test_typing_read_and_presence_reach_other_members(worker):
         lambda: Membership.objects.get(room=room, user=bob).last_read_seq)() == 1
 
     await b.close()
-    offline = await a.expect("presence", status="offline")
+    offline = await a.expect("presence", status="offline")  # after the grace period
     assert offline["user"]["username"] == "bob"
     await a.close()
+
+
+async def test_a_user_who_comes_back_within_the_grace_period_costs_the_room_no_presence_frame(monkeypatch):
+    monkeypatch.setattr(presence, "CONFIG", dataclasses.replace(presence.CONFIG, presence_grace_seconds=0.5))
+    alice, alice_token = await amake_user("alice")
+    bob, bob_token = await amake_user("bob")
+    room = await database_sync_to_async(create_group)(alice, "team", False)
+    a = await connect(alice_token)
+    await a.join(room.pk)
+    b = await connect(bob_token)
+    await b.join(room.pk)
+    await a.expect("presence", status="online")
+    await b.close()  # a dropped connection (or a drained pod) ...
+    b = await connect(bob_token)  # ... and the client back at once, resuming
+    await b.send({"type": "resume", "rooms": {str(room.pk): 0}})
+    await b.expect("resumed")
+    await asyncio.sleep(1.0)  # past the grace period
+    await b.send({"type": "typing", "room": room.pk})
+    await a.expect("typing")
+    # Bob's first arrival only: no offline, and no second online.
+    assert [f["status"] for f in a.frames if f["type"] == "presence" and f["user"]["id"] == bob.pk] == ["online"]
+    # Bob still counts as online for whoever joins now.
+    _, carol_token = await amake_user("carol")
+    c = await connect(carol_token)
+    assert {u["username"] for u in (await c.join(room.pk))["online"]} == {"alice", "bob", "carol"}
+    for client in (a, b, c):
+        await client.close()
 
 
 async def test_full_worker_channel_answers_busy_and_stores_nothing(monkeypatch):

@@ -394,15 +394,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _arrive_many(self, cursors: dict[int, Cursor]) -> None:
         """Presence of a `join` or `resume`: one pipelined round trip per shard, not two per room;
-        announced in the rooms that are not crowded."""
+        announced where the room did not know the user online already, unless it is crowded."""
         first = [room for room in cursors if PRESENCE.arrive(room, self.user_id, self.username)]
         if not first:
             return
-        await PRESENCE.mark_online_many(first, self.user_id, self.username)
+        new = await PRESENCE.mark_online_many(first, self.user_id, self.username)
         me = self._me()
         await fanout.publish_many(
             (room, None, dumps({"type": "presence", "room": room, "user": me, "status": "online"}))
-            for room in first if not cursors[room].quiet
+            for room in new if not cursors[room].quiet
         )
 
     async def _detach(self, room: int) -> None:
@@ -411,11 +411,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         await self.bus.leave(room, self)
         if PRESENCE.depart(room, self.user_id):
-            await PRESENCE.mark_offline(room, self.user_id, self.username)
-            if cursor.quiet:
-                return
-            frame = {"type": "presence", "room": room, "user": self._me(), "status": "offline"}
-            await fanout.publish(room, None, dumps(frame))
+            PRESENCE.leave_later(room, self.user_id, self.username, announce=not cursor.quiet)
 
     def remove_from_room(self, room: int, reason: str) -> None:
         """The user lost the membership (left over HTTP, removed by the room's creator)."""

@@ -148,6 +148,11 @@ class Config:
     # arrivals and departures are not announced, and `joined` lists this many of them with
     # `online_count` for the rest. 100 keeps every team room's presence live.
     presence_max: int = field(default_factory=lambda: max(1, _int("PARLEY_PRESENCE_MAX", 100)))
+    # A user's last connection in a room left: announce `offline` this much later, unless the
+    # user is back by then (on any process). Longer than the heartbeat (another process must
+    # have refreshed a returning user's entry to be told apart) and than the drain's reconnect
+    # jitter (a drained pod's users come back unannounced); shorter than the presence TTL.
+    presence_grace_seconds: float = field(default_factory=lambda: _float("PARLEY_PRESENCE_GRACE_SECONDS", 10.0))
     drain_seconds: float = field(default_factory=lambda: _float("PARLEY_DRAIN_SECONDS", 30.0))
     # The jittered reconnect delay told to clients when a protocol process drains.
     reconnect_jitter_ms: int = field(default_factory=lambda: _int("PARLEY_RECONNECT_JITTER_MS", 5000))
