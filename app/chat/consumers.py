@@ -35,7 +35,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from redis.exceptions import RedisError
 
-from chat import contract, fanout, metrics, reads, services
+from chat import collector, contract, fanout, metrics, reads, services
 from chat.control_receiver import handle_control
 from chat.outbox import Outbox
 from chat.presence import PRESENCE, Online
@@ -144,6 +144,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.bus.on_control = handle_control
         self.bus.register(self.key, self)
         ensure_heartbeat("protocol", PRESENCE)
+        collector.ensure_started()
         await self.accept()
         metrics.CONNECTIONS.inc()
         self.push(
