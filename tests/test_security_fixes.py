@@ -677,3 +677,33 @@ async def test_read_markers_inside_the_interval_are_coalesced_not_lost():
     assert await b.comm.receive_nothing(0.8)
     await a.close()
     await b.close()
+
+
+def test_uvicorn_handshake_log_lines_carry_no_token():
+    """uvicorn logs `"WebSocket /ws/?token=..." [accepted]` at INFO; the filter blanks the token,
+    and stays in place through uvicorn's logging configuration."""
+    import logging.config
+
+    import uvicorn.config
+
+    from parley.uvicorn_server import RedactTokens
+
+    class Lines(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    logger = logging.getLogger("uvicorn.error")
+    redact, lines = RedactTokens(), Lines()
+    logger.addFilter(redact)
+    try:
+        logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)
+        logger.addHandler(lines)
+        logger.info('%s - "WebSocket %s" [accepted]', "127.0.0.1:5000", "/ws/?token=s3cret-Token_value&x=1")
+        assert lines.lines == ['127.0.0.1:5000 - "WebSocket /ws/?token=[redacted]&x=1" [accepted]']
+    finally:
+        logger.removeFilter(redact)
+        logger.removeHandler(lines)
