@@ -59,8 +59,10 @@ $(TOOLS)/checkov/.installed: tests/chart/requirements-checkov.txt
 	$(TOOLS)/checkov/bin/pip install --quiet -r tests/chart/requirements-checkov.txt
 	touch $@
 
+## bench: fan-out (Parley and the O(1) hub, Daphne and uvicorn), big room, socket phases, tutorial,
+## worker throughput, in one run (docs/benchmarks.md). BENCH_ARGS="--quick" for a smoke run.
 bench: install
-	$(PY) loadtest/bench.py
+	$(PY) loadtest/bench.py $(BENCH_ARGS)
 
 ## bench-worker: messages one worker process stores per second (PostgreSQL), against a plain insert.
 bench-worker: install

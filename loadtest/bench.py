@@ -1,20 +1,30 @@
 #!/usr/bin/env python3
-"""`make bench`: Parley's fan-out throughput, latency and idle-socket cost against the Channels tutorial.
+"""`make bench`: Parley's fan-out, socket phases and worker throughput, against references, in one run.
 
-In one run, on this machine:
+In one run, on this machine, against 127.0.0.1 only:
 
 1. builds the Go load client (`loadtest/client/main.go`, installing Debian's Go toolchain and
    gorilla/websocket with apt-get when missing and running as root);
-2. Parley: a fresh database (PostgreSQL `parley_bench` when 127.0.0.1:5432 answers, else SQLite
-   in var/bench/), bulk-created users, tokens, rooms and memberships, a throwaway Redis, a worker
-   and a protocol process (Daphne, or uvicorn with `--server uvicorn`);
-   fan-out: --sockets sockets in rooms of --room-size, one sender per room (--senders), offered
-   load stepped up until a step fails p99 <= 100 ms or delivery ratio >= 0.999, then refined;
-   idle: a fresh stack, --idle-sockets sockets to one protocol process, RSS delta / count;
-3. the reference server (the Channels tutorial consumer on channels-redis defaults, Daphne,
-   loadtest/reference/) measured the same way;
-4. prints a table for both and, last, one machine-readable line for Parley:
-   `fanout_ratio=<x> delivery_ratio=<y> p99_ms=<z> idle_kb_per_conn=<w> max_sockets=<n>`.
+2. a fresh database (PostgreSQL `parley_bench` when 127.0.0.1:5432 answers, else SQLite in
+   var/bench/) with bulk-created users, tokens, rooms of --room-size, one room of --big-room
+   members, and memberships;
+3. **fan-out**, for each server of --servers (Daphne, uvicorn): Parley (a throwaway Redis, a
+   worker and a protocol process) and then the O(1) pub/sub hub (loadtest/reference/hub.py) under
+   the same server, driven the same way: --sockets sockets in rooms of --room-size, one sender
+   per room, offered load stepped up until a step fails p99 <= 100 ms or delivery ratio >= 0.999,
+   then refined. `fanout_ratio` per server = Parley's best deliveries/s per process / the hub's;
+4. **big room**: the same with one room of --big-room members (Parley and the hub, Daphne);
+5. **sockets** (Parley, one Daphne process): --socket-count sockets connect, join a room each
+   (RSS then gives the memory per idle socket), are closed, then reconnect and `resume`;
+6. the Channels **tutorial** (Daphne): fan-out and idle memory, as the old reference;
+7. **worker**: loadtest/worker_bench.py in a subprocess (PostgreSQL only);
+8. prints the tables and, last, one machine-readable line:
+   `fanout_ratio=<x> worker_msgs_per_s=<n> insert_ratio=<x> connect_per_s=<n> join_per_s=<n>
+   resume_per_s=<n> delivery_ratio=<y> p99_ms=<z> idle_kb_per_conn=<w> max_sockets=<n>`
+   (`nan` for a part skipped, or whose reference failed for reasons of its own).
+
+A reference that fails for reasons of its own (connect errors, consumers closed, deliveries
+lost or errors logged while it passed) is reported as failing and is no denominator.
 
 Every process it starts is stopped on exit, on Ctrl-C and on errors. Logs and raw results go to
 var/bench/<run>/. See loadtest/README.md and docs/benchmarks.md.
@@ -23,6 +33,7 @@ var/bench/<run>/. See loadtest/README.md and docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -32,6 +43,7 @@ import platform
 import re
 import resource
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -39,6 +51,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +61,9 @@ LOADTEST = REPO / "loadtest"
 BUILD = REPO / "build"
 CLIENT_SRC = LOADTEST / "client" / "main.go"
 CLIENT_BIN = BUILD / "loadclient"
+WORKER_BENCH = LOADTEST / "worker_bench.py"
 VAR = REPO / "var" / "bench"
+RECORD = REPO / "docs" / "benchmarks.json"
 GOPATH = "/usr/share/gocode"
 GORILLA = Path(GOPATH) / "src" / "github.com" / "gorilla" / "websocket"
 POSTGRES_ADMIN = os.environ.get("PARLEY_BENCH_POSTGRES", "postgres://postgres@127.0.0.1:5432/postgres")
@@ -56,9 +72,22 @@ sys.path.insert(0, str(REPO / "tools"))
 from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from stack import Stack  # noqa: E402
 
+SERVERS = ("daphne", "uvicorn")
 DEFAULT_STEPS = "250,500,1000,2000,4000,8000,12000,16000,24000,32000,48000,64000"
 QUICK_STEPS = "500,2000,8000,16000"
+# Deliveries/s into one room of 2,000 with one sender: 0.5 to 16 messages/s. Each message is a
+# burst of 2,000 sends, so p99 is set by how long one burst takes, more than by the rate.
+BIG_ROOM_STEPS = "1000,2000,4000,8000,16000,32000"
+QUICK_BIG_ROOM_STEPS = "400,1600,6400"
+# worker_bench.py at smoke size for --quick (its defaults for a full run).
+WORKER_QUICK_ARGS = "--messages 2000 --seconds 2"
+# After the sockets are closed, the server handles their disconnects: the reconnects start once
+# the protocol process has used less than this share of a core for a while (bounded).
+QUIET_CPU_PCT = 10.0
+QUIET_WINDOW_SECONDS = 0.5
+QUIET_LIMIT_SECONDS = 60.0
 EXIT_NO_GO = 3
+NAN = float("nan")
 
 
 def log(message: str) -> None:
@@ -212,22 +241,27 @@ def parley_env(db_url: str) -> dict[str, str]:
     }
 
 
-def migrate_and_seed(db_url: str, users: int, room_size: int, out: Path) -> dict[str, Any]:
+def migrate_and_seed(db_url: str, users: int, room_size: int, big_room: int, out: Path) -> dict[str, Any]:
     env = {**os.environ, **parley_env(db_url), "PYTHON": sys.executable}
     start = time.monotonic()
     subprocess.run([str(REPO / "bin" / "parley"), "manage", "migrate_locked", "--verbosity", "0"],
                    env=env, check=True, cwd=REPO, timeout=300)
     migrated = time.monotonic()
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "_seed", "--users", str(users),
-                    "--room-size", str(room_size), "--out", str(out)], env=env, check=True, cwd=REPO, timeout=600)
+                    "--room-size", str(room_size), "--big-room", str(big_room), "--out", str(out)],
+                   env=env, check=True, cwd=REPO, timeout=600)
     seeded = time.monotonic()
     log(f"database ready: migrate {migrated - start:.1f}s, "
         f"{users} users/tokens/memberships in {seeded - migrated:.1f}s")
     return {"migrate_seconds": round(migrated - start, 2), "seed_seconds": round(seeded - migrated, 2)}
 
 
-def seed(users: int, room_size: int, out: Path) -> None:
-    """(Subprocess, Django set up.) Users with unusable passwords, tokens, public rooms, memberships."""
+def seed(users: int, room_size: int, big_room: int, out: Path) -> None:
+    """(Subprocess, Django set up.) Users with unusable passwords, tokens, public rooms of `room_size`,
+    one more public room whose members are the first `big_room` users, memberships.
+
+    Writes out/tokens.txt (socket i uses line i), out/rooms.txt (socket i is in room line i // room
+    size) and out/big-room.txt (one line: the big room, for the client's room index 0)."""
     sys.path.insert(0, str(REPO / "app"))
     import django
 
@@ -256,12 +290,15 @@ def seed(users: int, room_size: int, out: Path) -> None:
              for t, u in zip(tokens, made, strict=True)],
             batch_size=2000,
         )
+        big = Room.objects.create(name="bench-big", kind=Room.Kind.GROUP, private=False)
         Membership.objects.bulk_create(
-            [Membership(room=rooms[i // room_size], user=u) for i, u in enumerate(made)], batch_size=5000
+            [Membership(room=rooms[i // room_size], user=u) for i, u in enumerate(made)]
+            + [Membership(room=big, user=u) for u in made[:big_room]], batch_size=5000
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokens.txt").write_text("".join(f"{t}\n" for t in tokens))
     (out / "rooms.txt").write_text("".join(f"{r.pk}\n" for r in rooms))
+    (out / "big-room.txt").write_text(f"{big.pk}\n")
 
 
 # --- measurement helpers ------------------------------------------------------------------------
@@ -345,121 +382,36 @@ def check_background(label: str) -> float:
     return round(busy, 1)
 
 
-def client_base(args: argparse.Namespace, proto: str, urls: list[str], files: Path | None) -> list[str]:
-    cmd = [str(CLIENT_BIN), "-proto", proto, "-urls", ",".join(urls), "-room-size", str(args.room_size),
-           "-concurrency", str(args.concurrency), "-procs", str(args.client_procs)]
-    if proto == "parley" and files is not None:
-        cmd += ["-tokens", str(files / "tokens.txt"), "-room-ids", str(files / "rooms.txt")]
-    return cmd
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
-def run_fanout(args: argparse.Namespace, proto: str, urls: list[str], files: Path | None,
-               pids: dict[str, int], nprocs: int) -> dict[str, Any]:
-    cmd = [
-        *client_base(args, proto, urls, files),
-        "-mode", "fanout", "-sockets", str(args.sockets), "-senders", str(args.senders),
-        "-steps", args.steps, "-step-seconds", str(args.step_seconds), "-drain-seconds", str(args.drain_seconds),
-        "-refine", str(args.refine), "-body-bytes", str(args.body_bytes),
-        "-max-p99-ms", str(args.max_p99_ms), "-min-ratio", str(args.min_ratio),
-        "-pids", ",".join(f"{k}={v}" for k, v in pids.items()), "-timeout", str(args.client_timeout),
-        "-root-pid", str(os.getpid()), "-noise-retry-pct", str(args.noise_retry_pct),
-    ]
-    background = check_background("the fan-out run")
-    events: list[dict[str, Any]] = []
-    proc = spawn(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
-    deadline = time.monotonic() + args.client_timeout + 30
-    try:
-        while read_event(proc, None, deadline, events) is not None:
-            pass
-        proc.wait(timeout=30)
-    finally:
-        CLEANUP.stop_proc(proc)
-    setup = next((e for e in events if e.get("event") == "setup"), {})
-    steps = [e for e in events if e.get("event") == "step"]
-    done = next((e for e in events if e.get("event") == "done"), {})
-    for step, late in zip(steps, done.get("late_by_step", []), strict=False):
-        step["late"] = late
-    for step, after in itertools.pairwise(steps):
-        # A failure retried because other programs loaded the machine is superseded by its retry.
-        step["superseded"] = bool(after.get("retry")) and not step["pass"]
-    passing = [s for s in steps if s["pass"]]
-    best = max(passing, key=lambda s: s["delivered_per_s"]) if passing else None
-    log(f"  setup: {setup.get('ready', 0)}/{args.sockets} sockets ready, "
-        f"connect {setup.get('connect_rate', 0):.0f}/s, errors {setup.get('connect_errors', '?')}"
-        + (f", join errors {setup.get('join_errors')}" if "join_errors" in setup else ""))
-    return {
-        "background_busy_pct": background,
-        "setup": setup,
-        "steps": steps,
-        "done": done,
-        "best": best,
-        "best_per_process": (best["delivered_per_s"] / nprocs) if best else 0.0,
-    }
+def wait_cpu_quiet(pid: int) -> float:
+    """Seconds until `pid` uses less than QUIET_CPU_PCT of a core over a window (at most QUIET_LIMIT_SECONDS)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    start = time.monotonic()
+    last = cpu_ticks(pid)
+    while time.monotonic() - start < QUIET_LIMIT_SECONDS:
+        time.sleep(QUIET_WINDOW_SECONDS)
+        now = cpu_ticks(pid)
+        if (now - last) / hz / QUIET_WINDOW_SECONDS * 100 < QUIET_CPU_PCT:
+            break
+        last = now
+    return round(time.monotonic() - start, 2)
 
 
-def run_idle(args: argparse.Namespace, proto: str, url: str, files: Path | None, pid: int) -> dict[str, Any]:
-    cmd = [
-        *client_base(args, proto, [url], files),
-        "-mode", "idle", "-sockets", str(args.idle_sockets), "-warm", str(args.idle_warm),
-        "-join=" + ("false" if args.idle_no_join else "true"), "-timeout", str(args.client_timeout),
-    ]
-    events: list[dict[str, Any]] = []
-    background = check_background("the idle run")
-    proc = spawn(cmd, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, bufsize=1)
-    assert proc.stdin is not None
-    deadline = time.monotonic() + args.client_timeout
-    try:
-        warm = read_event(proc, "warm", deadline, events) or {}
-        time.sleep(args.settle_seconds)
-        base = rss_kb(pid)
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        ready = read_event(proc, "ready", deadline, events) or {}
-        time.sleep(args.settle_seconds)
-        loaded = rss_kb(pid)
-        proc.stdin.write("done\n")
-        proc.stdin.flush()
-        alive = read_event(proc, "alive", deadline, events) or {}
-        proc.wait(timeout=60)
-    finally:
-        CLEANUP.stop_proc(proc)
-    added = ready.get("ready", 0)
-    per_conn = (loaded - base) / added if added else float("nan")
-    errors = (warm.get("connect_errors", 0) + ready.get("connect_errors", 0)
-              + warm.get("join_errors", 0) + ready.get("join_errors", 0))
-    closed = sum(alive.get("server_close_kinds", {}).values())
-    result = {
-        "background_busy_pct": background,
-        "warm": warm, "ready": ready, "alive": alive,
-        "rss_base_kb": base, "rss_loaded_kb": loaded, "kb_per_conn": round(per_conn, 2),
-        "open": alive.get("open", 0), "errors": errors, "closed_by_server": closed,
-        "connect_rate": ready.get("connect_rate", 0),
-    }
-    log(f"  idle: {alive.get('open', 0)} of {args.idle_sockets} sockets open; RSS {base / 1024:.0f} -> "
-        f"{loaded / 1024:.0f} MiB = {per_conn:.1f} KB/connection; connect {ready.get('connect_rate', 0):.0f}/s; "
-        f"errors {errors}, closed by server {closed}")
-    return result
+# --- the servers under test ---------------------------------------------------------------------
 
+@dataclass
+class Server:
+    """A running server as the load client sees it."""
 
-LOG_LINE = re.compile(r"(ERROR|CRITICAL|WARNING|Traceback|Exception|Error:)")
+    proto: str  # the client's -proto: parley | hub | tutorial
+    urls: list[str]  # one per protocol process
+    pids: dict[str, int]  # processes whose CPU each step reports ("protocol*" are the servers)
+    log_dir: Path
 
-
-def scan_logs(log_dir: Path) -> dict[str, Any]:
-    """Warnings and errors the servers logged, grouped (timestamps and numbers blanked)."""
-    counts: Counter[str] = Counter()
-    examples: dict[str, str] = {}
-    for path in sorted(log_dir.glob("*.log")):
-        for line in path.read_text(errors="replace").splitlines():
-            if not LOG_LINE.search(line):
-                continue
-            key = re.sub(r"\d+", "N", re.sub(r"^\S+ \S+ ", "", line))[:200]
-            counts[f"{path.name}: {key}"] += 1
-            examples.setdefault(f"{path.name}: {key}", line[:300])
-    return {"lines": sum(counts.values()),
-            "top": [{"count": n, "example": examples[k]} for k, n in counts.most_common(8)]}
-
-
-# --- the servers ------------------------------------------------------------------------------
 
 def parley_stack(db_url: str, server: str, log_dir: Path, args: argparse.Namespace) -> tuple[Stack, list[int], dict]:
     env = parley_env(db_url)
@@ -478,101 +430,538 @@ def parley_stack(db_url: str, server: str, log_dir: Path, args: argparse.Namespa
     return stack, ports, pids
 
 
-def run_parley(args: argparse.Namespace, db_url: str, files: Path, run_dir: Path) -> dict[str, Any]:
-    server = args.server
-    result: dict[str, Any] = {"name": f"Parley ({server})"}
-    log(f"Parley under {server}: fan-out, {args.sockets} sockets in rooms of {args.room_size}")
-    log_dir = run_dir / f"parley-{server}-fanout"
+@contextlib.contextmanager
+def parley_server(db_url: str, server: str, log_dir: Path, args: argparse.Namespace) -> Iterator[Server]:
     stack, ports, pids = parley_stack(db_url, server, log_dir, args)
     try:
-        result["fanout"] = run_fanout(args, "parley", [f"ws://127.0.0.1:{p}" for p in ports], files, pids, len(ports))
+        yield Server("parley", [f"ws://127.0.0.1:{p}" for p in ports], pids, log_dir)
     finally:
         CLEANUP.stop_stack(stack)
-    result["fanout_logs"] = scan_logs(log_dir)
-    if not args.skip_idle:
-        log(f"Parley under {server}: {args.idle_sockets} idle sockets to one protocol process")
-        log_dir = run_dir / f"parley-{server}-idle"
-        idle_args = argparse.Namespace(**{**vars(args), "protocols": 1})
-        stack, ports, pids = parley_stack(db_url, server, log_dir, idle_args)
-        try:
-            result["idle"] = run_idle(args, "parley", f"ws://127.0.0.1:{ports[0]}", files, pids["protocol"])
-        finally:
-            CLEANUP.stop_stack(stack)
-        result["idle_logs"] = scan_logs(log_dir)
-    return result
 
 
-def start_reference(log_dir: Path) -> tuple[EmbeddedRedis, subprocess.Popen[Any], int, dict[str, int]]:
+def reference_command(server: str, port: int) -> list[str]:
+    """The reference app under `server`, with the options Parley's protocol process gets."""
+    if server == "daphne":
+        # Stock Daphne, as a team gets it (Parley's lean Daphne saves memory per socket, not CPU).
+        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "reference.asgi:application"]
+    # As `bin/parley protocol` under PARLEY_SERVER=uvicorn (app/parley/uvicorn_server.py).
+    sys.path.insert(0, str(REPO / "app"))
+    from parley.config import CONFIG
+
+    return [sys.executable, "-m", "uvicorn", "reference.asgi:application", "--host", "127.0.0.1",
+            "--port", str(port), "--ws", "websockets-sansio", "--ws-max-size", str(CONFIG.ws_max_bytes),
+            "--ws-max-queue", str(CONFIG.inbox_frames), "--no-proxy-headers", "--lifespan", "off",
+            "--no-access-log"]
+
+
+@contextlib.contextmanager
+def reference_server(proto: str, server: str, log_dir: Path) -> Iterator[Server]:
+    """The reference app (tutorial and hub in one ASGI app; `proto` picks the URL) with its own Redis."""
     redis = EmbeddedRedis().start()
     CLEANUP.redis.append(redis)
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "REDIS_URL": redis.url, "DJANGO_SETTINGS_MODULE": "reference.settings"}
-    with open(log_dir / "reference.log", "ab") as out:
-        proc = spawn([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "reference.asgi:application"],
-                     cwd=LOADTEST, env=env, stdout=out, stderr=subprocess.STDOUT)
-    wait_port(port, proc)
-    return redis, proc, port, {"redis": redis.process.pid, "protocol": proc.pid}  # type: ignore[union-attr]
-
-
-def run_reference(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    result: dict[str, Any] = {"name": "Reference (tutorial, Daphne)"}
-    log(f"Reference (Channels tutorial on RedisChannelLayer, Daphne): fan-out, {args.sockets} sockets")
-    log_dir = run_dir / "reference-fanout"
-    redis, proc, port, pids = start_reference(log_dir)
+    with open(log_dir / f"{proto}.log", "ab") as out:
+        proc = spawn(reference_command(server, port), cwd=LOADTEST, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        result["fanout"] = run_fanout(args, "tutorial", [f"ws://127.0.0.1:{port}"], None, pids, 1)
+        wait_port(port, proc)
+        pids = {"redis": redis.process.pid, "protocol": proc.pid}  # type: ignore[union-attr]
+        yield Server(proto, [f"ws://127.0.0.1:{port}"], pids, log_dir)
     finally:
         CLEANUP.stop_proc(proc)
         CLEANUP.stop_redis(redis)
-    result["fanout_logs"] = scan_logs(log_dir)
-    if not args.skip_idle:
-        log(f"Reference: {args.idle_sockets} idle sockets")
-        log_dir = run_dir / "reference-idle"
-        redis, proc, port, pids = start_reference(log_dir)
-        try:
-            result["idle"] = run_idle(args, "tutorial", f"ws://127.0.0.1:{port}", None, proc.pid)
-        finally:
-            CLEANUP.stop_proc(proc)
-            CLEANUP.stop_redis(redis)
-        result["idle_logs"] = scan_logs(log_dir)
+
+
+# --- the load client ----------------------------------------------------------------------------
+
+def client_base(args: argparse.Namespace, srv: Server, fixtures: Path | None, rooms: str = "rooms.txt") -> list[str]:
+    """The client's options common to every mode; Parley's sockets take tokens and room ids from `fixtures`."""
+    cmd = [str(CLIENT_BIN), "-proto", srv.proto, "-urls", ",".join(srv.urls), "-room-size", str(args.room_size),
+           "-concurrency", str(args.concurrency), "-procs", str(args.client_procs),
+           "-timeout", str(args.client_timeout)]
+    if srv.proto == "parley":
+        assert fixtures is not None
+        cmd += ["-tokens", str(fixtures / "tokens.txt"), "-room-ids", str(fixtures / rooms)]
+    return cmd
+
+
+def start_client(cmd: list[str], stdin: bool = False) -> subprocess.Popen[str]:
+    return spawn(cmd, stdout=subprocess.PIPE, stdin=subprocess.PIPE if stdin else None, text=True, bufsize=1)
+
+
+def next_phase(proc: subprocess.Popen[str], want: str, deadline: float, events: list[dict[str, Any]]) -> dict:
+    """Tell a stdin-driven client to go on, and wait for the event that ends its next phase."""
+    assert proc.stdin is not None
+    proc.stdin.write("next\n")
+    proc.stdin.flush()
+    return read_event(proc, want, deadline, events) or {}
+
+
+def run_fanout(args: argparse.Namespace, srv: Server, fixtures: Path, rooms: str = "rooms.txt") -> dict[str, Any]:
+    cmd = [
+        *client_base(args, srv, fixtures, rooms),
+        "-mode", "fanout", "-sockets", str(args.sockets), "-senders", str(args.senders),
+        "-steps", args.steps, "-step-seconds", str(args.step_seconds), "-drain-seconds", str(args.drain_seconds),
+        "-refine", str(args.refine), "-body-bytes", str(args.body_bytes),
+        "-max-p99-ms", str(args.max_p99_ms), "-min-ratio", str(args.min_ratio),
+        "-pids", ",".join(f"{k}={v}" for k, v in srv.pids.items()),
+        "-root-pid", str(os.getpid()), "-noise-retry-pct", str(args.noise_retry_pct),
+    ]
+    background = check_background("the fan-out run")
+    events: list[dict[str, Any]] = []
+    # The size of the server's logs after setup and after each step: errors are then attributed
+    # to the steps that passed or to the overload (see reference_failures).
+    log_marks: list[dict[str, int]] = []
+    proc = start_client(cmd)
+    deadline = time.monotonic() + args.client_timeout + 30
+    try:
+        while (event := read_event(proc, None, deadline, events)) is not None:
+            if event.get("event") in ("setup", "step"):
+                log_marks.append(log_sizes(srv.log_dir))
+        proc.wait(timeout=30)
+    finally:
+        CLEANUP.stop_proc(proc)
+    return fanout_result(args, srv, events, log_marks, background)
+
+
+def fanout_result(args: argparse.Namespace, srv: Server, events: list[dict[str, Any]],
+                  log_marks: list[dict[str, int]], background: float) -> dict[str, Any]:
+    setup = next((e for e in events if e.get("event") == "setup"), {})
+    steps = [e for e in events if e.get("event") == "step"]
+    done = next((e for e in events if e.get("event") == "done"), {})
+    for step, late in itertools.zip_longest(steps, done.get("late_by_step", []), fillvalue=0):
+        step["late"] = late
+        # Never arrived, even after the wait for stragglers at the end: lost, not late.
+        step["lost"] = step["expected"] - step["received"] - late
+        step["protocol_cpu_us_per_delivery"] = cpu_us_per_delivery(step)
+    for step, after in itertools.pairwise([*steps, {}]):
+        # A failure retried because other programs loaded the machine is superseded by its retry.
+        step["superseded"] = bool(after.get("retry")) and not step["pass"]
+    passing = [s for s in steps if s["pass"]]
+    best = max(passing, key=lambda s: s["delivered_per_s"]) if passing else None
+    first_fail = next((i for i, s in enumerate(steps) if not s["pass"] and not s["superseded"]), len(steps))
+    log(f"  setup: {setup.get('ready', 0)}/{args.sockets} sockets ready, "
+        f"connect {setup.get('connect_rate', 0):.0f}/s, errors {setup.get('connect_errors', '?')}"
+        + (f", join errors {setup.get('join_errors')}" if "join_errors" in setup else ""))
+    log(f"  deliveries late (after their step's window) {sum(s['late'] for s in steps)}, lost (never arrived) "
+        f"{sum(s['lost'] for s in steps)}" + ("" if done.get("quiet_at_end") else " (still arriving at the end)"))
+    return {
+        "background_busy_pct": background,
+        "sockets": args.sockets, "room_size": args.room_size, "protocols": len(srv.urls),
+        "setup": setup,
+        "steps": steps,
+        "done": done,
+        "best": best,
+        "best_per_process": (best["delivered_per_s"] / len(srv.urls)) if best else 0.0,
+        # Errors logged up to the end of the last step before the first failing one (log_marks[i]:
+        # the logs' sizes when the client reported step i - 1, or its setup for i = 0).
+        "log_errors_while_passing": scan_logs(srv.log_dir, log_marks[min(first_fail, len(log_marks) - 1)]
+                                              if log_marks else None)["errors"],
+    }
+
+
+def cpu_us_per_delivery(step: dict[str, Any]) -> float:
+    """CPU time of the protocol process(es) over the step's window, per delivery received in it."""
+    protocol_pct = sum(v for k, v in step.get("cpu_pct", {}).items() if k.startswith("protocol"))
+    if not step["received"]:
+        return NAN
+    return round(protocol_pct / 100 * step["window_seconds"] * 1e6 / step["received"], 1)
+
+
+def run_sockets(args: argparse.Namespace, srv: Server, fixtures: Path) -> dict[str, Any]:
+    """Parley's socket phases on one protocol process: connect, join, RSS, close, reconnect + resume."""
+    pid = srv.pids["protocol"]
+    cmd = [*client_base(args, srv, fixtures), "-mode", "sockets", "-sockets", str(args.socket_count),
+           "-warm", str(args.idle_warm)]
+    background = check_background("the socket phases")
+    events: list[dict[str, Any]] = []
+    proc = start_client(cmd, stdin=True)
+    deadline = time.monotonic() + args.client_timeout
+    try:
+        warm = read_event(proc, "warm", deadline, events) or {}
+        time.sleep(args.settle_seconds)
+        rss_base = rss_kb(pid)
+        ready = next_phase(proc, "ready", deadline, events)
+        time.sleep(args.settle_seconds)
+        rss_joined = rss_kb(pid)
+        closed = next_phase(proc, "closed", deadline, events)
+        disconnect_wait = wait_cpu_quiet(pid)
+        resumed = next_phase(proc, "resumed", deadline, events)
+        time.sleep(args.settle_seconds)
+        rss_resumed = rss_kb(pid)
+        alive = next_phase(proc, "alive", deadline, events)
+        proc.wait(timeout=60)
+    finally:
+        CLEANUP.stop_proc(proc)
+    added = ready.get("ready", 0)
+    result = {
+        "background_busy_pct": background, "sockets": args.socket_count, "warm": warm, "ready": ready,
+        "closed": closed, "disconnect_wait_seconds": disconnect_wait, "resumed": resumed, "alive": alive,
+        "rss_base_kb": rss_base, "rss_joined_kb": rss_joined, "rss_resumed_kb": rss_resumed,
+        "kb_per_conn": round((rss_joined - rss_base) / added, 2) if added else NAN,
+        "closed_by_server": sum(alive.get("server_close_kinds", {}).values()),
+    }
+    log(f"  sockets: connect {ready.get('connect_rate', 0):.0f}/s, join {ready.get('join_rate', 0):.0f}/s, "
+        f"resume {resumed.get('resumed', 0)} in {resumed.get('resume_seconds', 0):.1f}s; "
+        f"RSS {rss_base / 1024:.0f} -> {rss_joined / 1024:.0f} MiB = {result['kb_per_conn']:.1f} KB/socket; "
+        f"open at the end {alive.get('open', 0)}")
     return result
 
 
-# --- report -----------------------------------------------------------------------------------
+def run_idle(args: argparse.Namespace, srv: Server) -> dict[str, Any]:
+    """The tutorial's idle sockets: RSS per connection (its sockets `group_add` one group each)."""
+    pid = srv.pids["protocol"]
+    # In idle mode the warm-up sockets are the first of -sockets: --socket-count more are measured.
+    cmd = [*client_base(args, srv, None), "-mode", "idle", "-sockets", str(args.socket_count + args.idle_warm),
+           "-warm", str(args.idle_warm)]
+    events: list[dict[str, Any]] = []
+    background = check_background("the idle run")
+    proc = start_client(cmd, stdin=True)
+    deadline = time.monotonic() + args.client_timeout
+    try:
+        warm = read_event(proc, "warm", deadline, events) or {}
+        time.sleep(args.settle_seconds)
+        base = rss_kb(pid)
+        ready = next_phase(proc, "ready", deadline, events)
+        time.sleep(args.settle_seconds)
+        loaded = rss_kb(pid)
+        alive = next_phase(proc, "alive", deadline, events)
+        proc.wait(timeout=60)
+    finally:
+        CLEANUP.stop_proc(proc)
+    added = ready.get("ready", 0)
+    per_conn = (loaded - base) / added if added else NAN
+    errors = warm.get("connect_errors", 0) + ready.get("connect_errors", 0)
+    closed = sum(alive.get("server_close_kinds", {}).values())
+    log(f"  idle: {alive.get('open', 0)} sockets open; RSS {base / 1024:.0f} -> {loaded / 1024:.0f} MiB = "
+        f"{per_conn:.1f} KB/connection; connect {ready.get('connect_rate', 0):.0f}/s; errors {errors}, "
+        f"closed by server {closed}")
+    return {
+        "background_busy_pct": background, "warm": warm, "ready": ready, "alive": alive,
+        "rss_base_kb": base, "rss_loaded_kb": loaded, "kb_per_conn": round(per_conn, 2),
+        "open": alive.get("open", 0), "errors": errors, "closed_by_server": closed,
+        "connect_rate": ready.get("connect_rate", 0),
+    }
+
+
+# --- server logs --------------------------------------------------------------------------------
+
+LOG_LINE = re.compile(r"(ERROR|CRITICAL|WARNING|Traceback|Exception|Error:)")
+# Lines that are errors, not warnings (every server here logs the level in each line).
+LOG_ERROR = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback")
+
+
+def log_sizes(log_dir: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_size for path in log_dir.glob("*.log")}
+
+
+def scan_logs(log_dir: Path, upto: dict[str, int] | None = None) -> dict[str, Any]:
+    """Warnings and errors the servers logged (each file up to `upto` bytes when given), grouped
+    with timestamps and numbers blanked."""
+    counts: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    errors = 0
+    for path in sorted(log_dir.glob("*.log")):
+        with open(path, "rb") as handle:
+            text = handle.read(upto.get(path.name, 0) if upto is not None else -1).decode(errors="replace")
+        for line in text.splitlines():
+            if not LOG_LINE.search(line):
+                continue
+            errors += bool(LOG_ERROR.search(line))
+            key = re.sub(r"\d+", "N", re.sub(r"^\S+ \S+ ", "", line))[:200]
+            counts[f"{path.name}: {key}"] += 1
+            examples.setdefault(f"{path.name}: {key}", line[:300])
+    return {"lines": sum(counts.values()), "errors": errors,
+            "top": [{"count": n, "example": examples[k]} for k, n in counts.most_common(8)]}
+
+
+# --- the phases -----------------------------------------------------------------------------------
+
+Measure = Callable[[Server], dict[str, Any]]
+
+
+def with_options(args: argparse.Namespace, **options: Any) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **options})
+
+
+def measured(name: str, server: contextlib.AbstractContextManager[Server], measure: Measure) -> dict[str, Any]:
+    """`measure(server)` on a server started for it; the server's log summary once it stopped."""
+    log(name)
+    with server as srv:
+        result = measure(srv)
+    return {"name": name, **result, "logs": scan_logs(srv.log_dir)}
+
+
+def measured_reference(name: str, proto: str, server: str, log_dir: Path, measure: Measure) -> dict[str, Any]:
+    """`measured` for a reference: if it cannot be measured at all (it does not start, or no socket
+    connects), that is its failure, reported as such, not the benchmark's."""
+    try:
+        return measured(name, reference_server(proto, server, log_dir), measure)
+    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
+        log(f"  {name}: FAILED: {exc}")
+        # The shape of a run that passed no step, so that every report reads it the same way.
+        return {"name": name, "error": f"{type(exc).__name__}: {exc}", "setup": {}, "steps": [], "best": None,
+                "best_per_process": 0.0, "logs": scan_logs(log_dir)}
+
+
+def fanout_phase(args: argparse.Namespace, db_url: str, fixtures: Path, run_dir: Path) -> dict[str, Any]:
+    """Parley, then the hub, under each server: the same sockets, steps and pass criteria."""
+    out: dict[str, Any] = {}
+    for server in args.servers:
+        pair = {"parley": measured(
+            f"Parley ({server}): fan-out, {args.sockets} sockets in rooms of {args.room_size}",
+            parley_server(db_url, server, run_dir / f"parley-{server}-fanout", args),
+            lambda srv: run_fanout(args, srv, fixtures))}
+        if not args.skip_reference:
+            pair["hub"] = measured_reference(
+                f"hub ({server}): fan-out, {args.sockets} sockets in rooms of {args.room_size}",
+                "hub", server, run_dir / f"hub-{server}-fanout", lambda srv: run_fanout(args, srv, fixtures))
+        out[server] = pair
+    return out
+
+
+def big_room_phase(args: argparse.Namespace, db_url: str, fixtures: Path, run_dir: Path) -> dict[str, Any]:
+    """One room of --big-room members, one sender (Parley and the hub, Daphne)."""
+    big = with_options(args, sockets=args.big_room, room_size=args.big_room, senders=1,
+                       steps=args.big_room_steps, refine=min(args.refine, 1), protocols=1)
+    out = {"parley": measured(
+        f"Parley (daphne): big room, {args.big_room} members",
+        parley_server(db_url, "daphne", run_dir / "parley-daphne-bigroom", big),
+        lambda srv: run_fanout(big, srv, fixtures, rooms="big-room.txt"))}
+    if not args.skip_reference:
+        out["hub"] = measured_reference(
+            f"hub (daphne): big room, {args.big_room} members",
+            "hub", "daphne", run_dir / "hub-daphne-bigroom", lambda srv: run_fanout(big, srv, fixtures))
+    return out
+
+
+def sockets_phase(args: argparse.Namespace, db_url: str, fixtures: Path, run_dir: Path) -> dict[str, Any]:
+    one = with_options(args, protocols=1)
+    return measured(
+        f"Parley (daphne): socket phases, {args.socket_count} sockets to one protocol process",
+        parley_server(db_url, "daphne", run_dir / "parley-daphne-sockets", one),
+        lambda srv: run_sockets(args, srv, fixtures))
+
+
+def tutorial_phase(args: argparse.Namespace, fixtures: Path, run_dir: Path) -> dict[str, Any]:
+    """The Channels tutorial (Daphne): fan-out and idle memory, as before the hub."""
+    out = {}
+    if not args.skip_fanout:
+        out["fanout"] = measured_reference(
+            f"tutorial (daphne): fan-out, {args.sockets} sockets",
+            "tutorial", "daphne", run_dir / "tutorial-fanout", lambda srv: run_fanout(args, srv, fixtures))
+    if not args.skip_sockets:
+        out["idle"] = measured_reference(
+            f"tutorial (daphne): {args.socket_count} idle sockets",
+            "tutorial", "daphne", run_dir / "tutorial-idle", lambda srv: run_idle(args, srv))
+    return out
+
+
+WORKER_LINE = re.compile(
+    r"worker_msgs_per_s=(?P<worker_msgs_per_s>\S+) insert_ratio=(?P<insert_ratio>\S+) "
+    r"ack_p99_ms=(?P<ack_p99_ms>\S+) cpu_us_per_msg=(?P<cpu_us_per_msg>\S+) lost=(?P<lost>\d+)"
+)
+
+
+def worker_phase(args: argparse.Namespace, db_desc: str, run_dir: Path) -> dict[str, Any]:
+    """loadtest/worker_bench.py, as `make bench-worker` runs it, from its machine-readable last line."""
+    if args.skip_worker:
+        return {"skipped": "--skip-worker"}
+    if not db_desc.startswith("PostgreSQL"):
+        return {"skipped": "the worker benchmark needs PostgreSQL, and this run has only SQLite"}
+    # Never --record: the "worker" key of docs/benchmarks.json is `make bench-worker --record`'s;
+    # this run's worker figures go to its own "bench" key.
+    cmd = [sys.executable, str(WORKER_BENCH), *shlex.split(args.worker_args)]
+    log(f"worker: {' '.join(cmd[1:])}")
+    with open(run_dir / "worker-bench.log", "wb") as err:
+        proc = spawn(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            out, _ = proc.communicate(timeout=args.client_timeout)
+        except subprocess.TimeoutExpired:
+            return {"failed": f"no result within {args.client_timeout:.0f} s (see {run_dir / 'worker-bench.log'})"}
+        finally:
+            CLEANUP.stop_proc(proc)
+    (run_dir / "worker-bench.txt").write_text(out)
+    match = WORKER_LINE.search(out.strip().splitlines()[-1] if out.strip() else "")
+    if match is None:
+        return {"failed": f"exit {proc.returncode}, no result line (see {run_dir / 'worker-bench.log'})"}
+    figures = {k: float(v) for k, v in match.groupdict().items()}
+    log(f"  worker: {figures}")
+    return {"returncode": proc.returncode, **figures,
+            "report": json.loads((VAR / "worker.json").read_text())}
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+def first_failing(run: dict[str, Any]) -> dict[str, Any] | None:
+    return next((s for s in run["steps"] if not s["pass"] and not s.get("superseded")), None)
+
+
+def shown_step(run: dict[str, Any]) -> dict[str, Any]:
+    """The step a run's figures come from: its best passing step, else its first step."""
+    return run["best"] or (run["steps"][0] if run["steps"] else {})
+
+
+def reference_failures(run: dict[str, Any]) -> list[str]:
+    """Faults of a reference's own while it was passing: connect errors, sockets it closed,
+    deliveries it lost, errors it logged. Faults during the overload that ended its steps do not
+    count: that overload is its score."""
+    if "error" in run:
+        return [run["error"]]
+    reasons = []
+    missing = run["sockets"] - run["setup"].get("ready", 0)
+    if missing > 0:
+        reasons.append(f"{missing} of {run['sockets']} sockets did not connect")
+    passing = [s for s in run["steps"] if s["pass"]]
+    if closed := sum(s["server_closes"] for s in passing):
+        reasons.append(f"{closed} sockets closed by the server at passing steps")
+    if lost := sum(s["lost"] for s in passing):
+        reasons.append(f"{lost} deliveries lost at passing steps")
+    if errors := run["log_errors_while_passing"]:
+        reasons.append(f"{errors} errors in its log before its first failing step")
+    return reasons
+
+
+def reference_status(run: dict[str, Any]) -> str:
+    if failures := reference_failures(run):
+        return "FAILING: " + "; ".join(failures)
+    return "ok" if run["best"] else "no step passed"
+
+
+def ratio(parley: dict[str, Any] | None, reference: dict[str, Any] | None) -> float:
+    """Parley's best deliveries/s per process / the reference's; nan when either is missing, or the
+    reference passed no step or failed for reasons of its own (then it is no denominator)."""
+    if parley is None or reference is None or reference_status(reference) != "ok":
+        return NAN
+    return parley["best_per_process"] / reference["best_per_process"]
+
+
+def cost_ratio(parley: dict[str, Any] | None, reference: dict[str, Any]) -> float:
+    """Parley's protocol CPU per delivery / the reference's, each at the step its figures come
+    from: what a delivery costs, whatever the latency."""
+    if parley is None:
+        return NAN
+    mine, theirs = (shown_step(run).get("protocol_cpu_us_per_delivery", NAN) for run in (parley, reference))
+    return mine / theirs if theirs > 0 else NAN
+
+
+def is_nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def summarise(runs: dict[str, Any], servers: list[str]) -> dict[str, Any]:
+    """Every headline figure of the run, from the raw results (the tables, the last line and
+    docs/benchmarks.json all read this)."""
+    fanout = runs.get("fanout", {})
+    ratios = {server: ratio(pair["parley"], pair.get("hub")) for server, pair in fanout.items()}
+    lowest = NAN if not ratios or any(map(is_nan, ratios.values())) else min(ratios.values())
+    # Parley's step on the last line: the server of the lower ratio (the first one without ratios).
+    shown_server = min(ratios, key=ratios.__getitem__) if not is_nan(lowest) else next(iter(fanout), None)
+    shown = shown_step(fanout[shown_server]["parley"]) if shown_server else {}
+    big = runs.get("big_room", {})
+    sockets = runs.get("sockets")
+    worker = runs.get("worker", {})
+    return {
+        "fanout_ratio": lowest,
+        **{f"fanout_ratio_{server}": ratios.get(server, NAN) for server in servers},
+        "fanout_per_process": {server: {name: run["best_per_process"] for name, run in pair.items() if "steps" in run}
+                               for server, pair in fanout.items()},
+        "fanout_shown_server": shown_server,
+        "delivery_ratio": shown.get("delivery_ratio", NAN),
+        "p99_ms": shown.get("p99_ms", NAN),
+        "big_room_members": big["parley"]["sockets"] if big else None,
+        "big_room_per_process": {name: run["best_per_process"] for name, run in big.items()},
+        "big_room_cpu_us_per_delivery": {name: shown_step(run).get("protocol_cpu_us_per_delivery", NAN)
+                                         for name, run in big.items()},
+        "big_room_ratio": ratio(big.get("parley"), big.get("hub")),
+        "big_room_cost_ratio": cost_ratio(big.get("parley"), big["hub"]) if "hub" in big else NAN,
+        **socket_figures(sockets),
+        **{key: worker.get(key, NAN) for key in ("worker_msgs_per_s", "insert_ratio", "ack_p99_ms", "cpu_us_per_msg")},
+        "worker_skipped": worker.get("skipped") or worker.get("failed"),
+    }
+
+
+def socket_figures(sockets: dict[str, Any] | None) -> dict[str, Any]:
+    if sockets is None:
+        return {key: NAN for key in ("connect_per_s", "join_per_s", "resume_per_s", "resume_seconds",
+                                     "idle_kb_per_conn", "max_sockets")}
+    return {
+        "connect_per_s": sockets["ready"].get("connect_rate", NAN),
+        "join_per_s": sockets["ready"].get("join_rate", NAN),
+        "resume_per_s": sockets["resumed"].get("resume_rate", NAN),
+        "resume_seconds": sockets["resumed"].get("resume_seconds", NAN),
+        "idle_kb_per_conn": sockets["kb_per_conn"],
+        # Sockets one protocol process held open at the end (warm-up ones included): each
+        # connected, joined, was closed, reconnected and resumed.
+        "max_sockets": sockets["alive"].get("open", 0),
+    }
+
+
+# (key, format) of the last line, in its order.
+LAST_LINE = (("fanout_ratio", ".2f"), ("worker_msgs_per_s", ".0f"), ("insert_ratio", ".2f"),
+             ("connect_per_s", ".0f"), ("join_per_s", ".0f"), ("resume_per_s", ".0f"),
+             ("delivery_ratio", ".4f"), ("p99_ms", ".1f"), ("idle_kb_per_conn", ".1f"), ("max_sockets", ".0f"))
+
+
+def final_line(summary: dict[str, Any]) -> str:
+    return " ".join(f"{key}={'nan' if is_nan(summary[key]) else format(summary[key], spec)}"
+                    for key, spec in LAST_LINE)
+
+
+# --- report ---------------------------------------------------------------------------------------
 
 def fmt(value: Any, spec: str = ".0f") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return format(value, spec)
+    return "n/a" if is_nan(value) else format(value, spec)
 
 
-def summary_rows(r: dict[str, Any]) -> dict[str, str]:
-    fan = r.get("fanout", {})
-    best = fan.get("best")
-    steps = fan.get("steps", [])
-    shown = best or (steps[0] if steps else {})
-    idle = r.get("idle", {})
-    return {
-        "deliveries/s per protocol process (p99 <= 100 ms, ratio >= 0.999)": fmt(fan.get("best_per_process")),
-        "offered load of that step (deliveries/s)": fmt(shown.get("offered_deliveries_per_s"))
-        + ("" if best else " (none passed; first step shown)"),
-        "p50 / p95 / p99 latency at that step (ms)": " / ".join(
-            fmt(shown.get(k), ".1f") for k in ("p50_ms", "p95_ms", "p99_ms")),
+def timed(seconds: float | None, rate: float | None, errors: int | None) -> str:
+    return f"{fmt(seconds, '.1f')} s, {fmt(rate)}/s, {'n/a' if errors is None else errors} errors"
+
+
+def markdown_table(columns: list[str], cells: list[dict[str, str]]) -> str:
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for key in dict.fromkeys(key for column in cells for key in column):  # every row, in order
+        lines.append(f"| {key} | " + " | ".join(c.get(key, "—") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def fanout_cells(run: dict[str, Any], reference: bool = False, parley: dict[str, Any] | None = None) -> dict[str, str]:
+    """One column of a fan-out table; a reference's also says whether it is a valid denominator and,
+    given Parley's run, how Parley compares."""
+    if "error" in run:
+        return {"run failed": run["error"], **reference_cells(run, reference, parley)}
+    shown = shown_step(run)
+    fail = first_failing(run)
+    steps = run["steps"]
+    setup = run["setup"]
+    cells = {
+        "deliveries/s per protocol process (p99 <= 100 ms, ratio >= 0.999)":
+            fmt(run["best_per_process"]) + ("" if run["best"] else " (no step passed; first step below)"),
+        "offered load of that step (deliveries/s)": fmt(shown.get("offered_deliveries_per_s")),
+        "p50 / p95 / p99 at that step (ms)": " / ".join(fmt(shown.get(f"p{n}_ms"), ".1f") for n in (50, 95, 99)),
         "delivery ratio at that step": fmt(shown.get("delivery_ratio"), ".4f"),
-        "first failing step: offered, delivered/s, ratio, p99 ms": next(
-            (f"{s['offered_deliveries_per_s']:.0f}, {s['delivered_per_s']:.0f}, "
-             f"{s['delivery_ratio']:.4f}, {s['p99_ms']:.0f}"
-             for s in steps if not s["pass"] and not s.get("superseded")), "none failed"),
-        "fan-out sockets ready / connect errors": f"{fan.get('setup', {}).get('ready', 'n/a')} / "
-                                                   f"{fan.get('setup', {}).get('connect_errors', 'n/a')}",
-        "connect rate, idle run (connections/s)": fmt(idle.get("connect_rate")),
-        "resident memory per idle connection (KB)": fmt(idle.get("kb_per_conn"), ".1f"),
-        "idle sockets open / errors / closed by server": (f"{idle.get('open')} / {idle.get('errors')} / "
-                                                          f"{idle.get('closed_by_server')}" if idle else "n/a"),
-        "server log warnings+errors (fan-out, idle)": f"{r.get('fanout_logs', {}).get('lines', 0)}, "
-                                                       f"{r.get('idle_logs', {}).get('lines', 0)}",
-        "steps with other programs using > 10 % of a core": f"{sum(1 for s in steps if noisy(s))} of {len(steps)}",
+        "protocol CPU-µs per delivery at that step": fmt(shown.get("protocol_cpu_us_per_delivery"), ".1f"),
+        "first failing step: offered/s, delivered/s, ratio, p99 ms, late, lost": (
+            f"{fail['offered_deliveries_per_s']:.0f}, {fail['delivered_per_s']:.0f}, {fail['delivery_ratio']:.4f}, "
+            f"{fail['p99_ms']:.0f}, {fail['late']}, {fail['lost']}" if fail else "none failed"),
+        "deliveries late / lost, all steps": f"{sum(s['late'] for s in steps)} / {sum(s['lost'] for s in steps)}",
+        "setup: connect": timed(setup.get("connect_seconds"), setup.get("connect_rate"), setup.get("connect_errors")),
+        "setup: join": timed(setup.get("join_seconds"), setup.get("join_rate"), setup.get("join_errors"))
+                       if "join_seconds" in setup else "—",
+        "server log errors / warnings and errors": f"{run['logs']['errors']} / {run['logs']['lines']}",
+        "steps with other programs > 10 % of a core": f"{sum(1 for s in steps if noisy(s))} of {len(steps)}",
+    }
+    return {**cells, **reference_cells(run, reference, parley)}
+
+
+def reference_cells(run: dict[str, Any], reference: bool, parley: dict[str, Any] | None) -> dict[str, str]:
+    if not reference:
+        return {}
+    return {
+        "reference status": reference_status(run),
+        "Parley ÷ this reference: deliveries/s per process": fmt(ratio(parley, run), ".2f"),
+        "Parley ÷ this reference: CPU-µs per delivery": fmt(cost_ratio(parley, run), ".2f"),
     }
 
 
@@ -580,40 +969,170 @@ def noisy(step: dict[str, Any]) -> bool:
     return step.get("cpu_groups", {}).get("other", 0) > 10
 
 
-def markdown_table(results: list[dict[str, Any]]) -> str:
-    rows = [summary_rows(r) for r in results]
-    head = "| metric | " + " | ".join(r["name"] for r in results) + " |"
-    lines = [head, "|---|" + "---|" * len(results)]
-    for key in rows[0]:
-        lines.append(f"| {key} | " + " | ".join(row[key] for row in rows) + " |")
-    return "\n".join(lines)
+def fanout_table(runs: dict[str, Any]) -> str:
+    columns, cells = [], []
+    for server, pair in runs.get("fanout", {}).items():
+        columns.append(f"Parley ({server})")
+        cells.append(fanout_cells(pair["parley"]))
+        if "hub" in pair:
+            columns.append(f"hub ({server})")
+            cells.append(fanout_cells(pair["hub"], True, pair["parley"]))
+    if tutorial := runs.get("tutorial", {}).get("fanout"):
+        columns.append("tutorial (daphne)")
+        cells.append(fanout_cells(tutorial, True, runs.get("fanout", {}).get("daphne", {}).get("parley")))
+    return markdown_table(columns, cells) if cells else ""
 
 
-def final_line(parley: dict[str, Any], reference: dict[str, Any] | None, args: argparse.Namespace) -> str:
-    fan = parley.get("fanout", {})
-    best = fan.get("best")
-    steps = fan.get("steps", [])
-    shown = best or (steps[0] if steps else {})
-    mine = fan.get("best_per_process", 0.0)
-    if reference is None:
-        ratio = "nan"
-    else:
-        theirs = reference.get("fanout", {}).get("best_per_process", 0.0)
-        ratio = f"{mine / theirs:.2f}" if theirs > 0 else ("inf" if mine > 0 else "nan")
-    idle = parley.get("idle", {})
-    kb = idle.get("kb_per_conn", float("nan"))
-    # max_sockets: sockets held open at once by one protocol process with no connect/join error.
-    max_sockets = idle.get("open", 0) if idle else 0
-    return (f"fanout_ratio={ratio} delivery_ratio={shown.get('delivery_ratio', 0):.4f} "
-            f"p99_ms={shown.get('p99_ms', -1):.1f} idle_kb_per_conn={kb:.1f} max_sockets={max_sockets}")
+def big_room_table(runs: dict[str, Any]) -> str:
+    big = runs.get("big_room")
+    if not big:
+        return ""
+    columns, cells = ["Parley (daphne)"], [fanout_cells(big["parley"])]
+    if "hub" in big:
+        columns.append("hub (daphne)")
+        cells.append(fanout_cells(big["hub"], True, big["parley"]))
+    return markdown_table(columns, cells)
+
+
+def sockets_cells(s: dict[str, Any]) -> dict[str, str]:
+    ready, resumed, alive = s["ready"], s["resumed"], s["alive"]
+    n = s["sockets"]
+    return {
+        f"connect {n} sockets (up to hello)": timed(ready.get("connect_seconds"), ready.get("connect_rate"),
+                                                     ready.get("connect_errors")),
+        f"join one room each ({n})": timed(ready.get("join_seconds"), ready.get("join_rate"), ready.get("join_errors")),
+        "KB per idle socket (RSS after the joins; MiB before → after)":
+            f"{fmt(s['kb_per_conn'], '.1f')} ({s['rss_base_kb'] / 1024:.0f} → {s['rss_joined_kb'] / 1024:.0f})",
+        f"server busy with the {n} disconnects (s)": fmt(s["disconnect_wait_seconds"], ".1f"),
+        f"reconnect + resume all {n} (first dial to last resumed)": timed(
+            resumed.get("resume_seconds"), resumed.get("resume_rate"), resumed.get("resume_errors")),
+        "RSS after the resumes (MiB)": f"{s['rss_resumed_kb'] / 1024:.0f}",
+        "sockets open at the end (with warm-up) / closed by the server":
+            f"{alive.get('open', 0)} / {s['closed_by_server']}",
+        "server log errors / warnings and errors": f"{s['logs']['errors']} / {s['logs']['lines']}",
+    }
+
+
+def idle_cells(idle: dict[str, Any]) -> dict[str, str]:
+    if "error" in idle:
+        return {"run failed": idle["error"]}
+    ready = idle["ready"]
+    n = ready.get("attempted", 0)
+    return {
+        f"connect {n} sockets (up to hello)": timed(ready.get("connect_seconds"), ready.get("connect_rate"),
+                                                     idle["errors"]),
+        "KB per idle socket (RSS after the joins; MiB before → after)": f"{fmt(idle['kb_per_conn'], '.1f')} "
+            f"({idle['rss_base_kb'] / 1024:.0f} → {idle['rss_loaded_kb'] / 1024:.0f})",
+        "sockets open at the end (with warm-up) / closed by the server": f"{idle['open']} / {idle['closed_by_server']}",
+        "server log errors / warnings and errors": f"{idle['logs']['errors']} / {idle['logs']['lines']}",
+    }
+
+
+def sockets_table(runs: dict[str, Any]) -> str:
+    columns, cells = [], []
+    if sockets := runs.get("sockets"):
+        columns.append("Parley (daphne, one process)")
+        cells.append(sockets_cells(sockets))
+    if idle := runs.get("tutorial", {}).get("idle"):
+        columns.append("tutorial (daphne; connect, then idle)")
+        cells.append(idle_cells(idle))
+    return markdown_table(columns, cells) if cells else ""
+
+
+def worker_table(worker: dict[str, Any]) -> str:
+    if "worker_msgs_per_s" not in worker:
+        return f"worker: skipped ({worker.get('skipped') or worker.get('failed')})"
+    latency = worker["report"]["latency"]
+    return markdown_table(["one worker (loadtest/worker_bench.py)"], [{
+        "messages stored per second, 4 connections": fmt(worker["worker_msgs_per_s"]),
+        "insert_ratio (÷ a plain batched insert)": fmt(worker["insert_ratio"], ".2f"),
+        f"ack p99 at {latency['rate']}/s (ms)": fmt(worker["ack_p99_ms"], ".1f"),
+        f"worker CPU-µs per message at {latency['rate']}/s": fmt(worker["cpu_us_per_msg"], ".1f"),
+        "messages lost": fmt(worker["lost"]),
+    }])
+
+
+def log_lines(runs: dict[str, Any]) -> list[str]:
+    """The commonest warnings and errors of each server's log."""
+    out = []
+    for run in iter_runs(runs):
+        for item in run.get("logs", {}).get("top", [])[:4]:
+            out.append(f"# {run['name']}: log x{item['count']}: {item['example']}")
+    return out
+
+
+def iter_runs(runs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every measured run (each has a name and its server's log summary)."""
+    for pair in runs.get("fanout", {}).values():
+        yield from pair.values()
+    yield from runs.get("big_room", {}).values()
+    if "sockets" in runs:
+        yield runs["sockets"]
+    yield from runs.get("tutorial", {}).values()
+
+
+def print_report(meta: dict[str, Any], runs: dict[str, Any], summary: dict[str, Any]) -> None:
+    print()
+    print(f"# {meta['command']}  ({meta['date']}; {meta['machine']}; {meta['database']}; "
+          f"{meta['elapsed_seconds']:.0f} s elapsed)")
+    print(f"# logs and raw results: {meta['run_dir']}/")
+    sections = [
+        (f"Fan-out: {meta['sockets']} sockets in rooms of {meta['room_size']}, {meta['senders_per_room']} sender(s) "
+         f"per room; Parley ÷ hub: " + ", ".join(f"{s} {fmt(summary[f'fanout_ratio_{s}'], '.2f')}"
+                                                 for s in meta["servers"]), fanout_table(runs)),
+        (f"Big room: one room of {summary['big_room_members']} members, one sender (Daphne); Parley ÷ hub "
+         f"{fmt(summary['big_room_ratio'], '.2f')}; per-member cost (CPU-µs per delivery) Parley ÷ hub "
+         f"{fmt(summary['big_room_cost_ratio'], '.2f')}", big_room_table(runs)),
+        ("Sockets: one protocol process", sockets_table(runs)),
+        ("Worker throughput (PostgreSQL)", worker_table(runs.get("worker", {}))),
+    ]
+    for title, body in sections:
+        if body:
+            print(f"\n## {title}\n\n{body}")
+    print()
+    for line in log_lines(runs):
+        print(line)
+    print(f"# elapsed: {meta['elapsed_seconds']:.0f} s")
+    print()
+    print(final_line(summary), flush=True)
+
+
+def json_safe(value: Any) -> Any:
+    """nan and inf as null: strict JSON (docs/benchmarks.json is read by other tools)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def git_revision() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (" + work tree" if git("status", "--porcelain") else "")
+
+
+def record(meta: dict[str, Any], summary: dict[str, Any]) -> None:
+    """The "bench" key of docs/benchmarks.json; the other keys are other benchmarks'."""
+    recorded = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    recorded["bench"] = json_safe({
+        "when": meta["date"], "command": meta["command"], "git": git_revision(),
+        "elapsed_seconds": meta["elapsed_seconds"], "machine": meta["machine"], "database": meta["database"],
+        "last_line": final_line(summary), **summary,
+    })
+    RECORD.write_text(json.dumps(recorded, indent=2) + "\n")
 
 
 # --- main -------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--server", choices=["daphne", "uvicorn"], default="daphne", help="Parley's protocol server")
-    p.add_argument("--quick", action="store_true", help="smoke run: fewer sockets, fewer and shorter steps")
+    p.add_argument("--servers", default=",".join(SERVERS),
+                   help="servers of the fan-out runs, Parley and the hub under each (default daphne,uvicorn)")
+    p.add_argument("--quick", action="store_true", help="smoke run of every part: fewer sockets, shorter steps")
     p.add_argument("--sockets", type=int, help="fan-out sockets (default 2000; quick 400)")
     p.add_argument("--room-size", type=int, default=20, help="sockets per room")
     p.add_argument("--senders", type=int, default=1, help="senders per room")
@@ -624,14 +1143,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-p99-ms", type=float, default=100.0)
     p.add_argument("--min-ratio", type=float, default=0.999)
     p.add_argument("--body-bytes", type=int, default=100)
-    p.add_argument("--idle-sockets", type=int, help="idle sockets to one protocol process (default 10000; quick 1000)")
+    p.add_argument("--big-room", type=int, help="members of the big room (default 2000; quick 200)")
+    p.add_argument("--big-room-steps", help=f"big room steps (default {BIG_ROOM_STEPS}; quick {QUICK_BIG_ROOM_STEPS})")
+    p.add_argument("--socket-count", type=int, help="sockets of the socket phases (default 10000; quick 1000)")
     p.add_argument("--idle-warm", type=int, default=20, help="sockets connected before the RSS baseline")
-    p.add_argument("--idle-no-join", action="store_true", help="idle Parley sockets do not join a room")
-    p.add_argument("--skip-idle", action="store_true")
-    p.add_argument("--skip-reference", action="store_true", help="no reference run (fanout_ratio=nan)")
-    p.add_argument("--protocols", type=int, default=1, help="Parley protocol processes in the fan-out run")
+    p.add_argument("--skip-fanout", action="store_true", help="no rooms-of-20 fan-out (fanout_ratio, p99_ms: nan)")
+    p.add_argument("--skip-big-room", action="store_true")
+    p.add_argument("--skip-sockets", action="store_true", help="no socket phases, no tutorial idle run")
+    p.add_argument("--skip-worker", action="store_true", help="no worker benchmark (worker figures: nan)")
+    p.add_argument("--worker-args", help=f"options of worker_bench.py (default none; quick {WORKER_QUICK_ARGS!r})")
+    p.add_argument("--skip-reference", action="store_true", help="no reference runs at all: no hub, no tutorial")
+    p.add_argument("--skip-tutorial", action="store_true", help="no Channels tutorial runs (the hub still runs)")
+    p.add_argument("--protocols", type=int, default=1, help="Parley protocol processes in the fan-out runs")
     p.add_argument("--workers", type=int, default=1, help="Parley worker processes")
-    p.add_argument("--concurrency", type=int, default=50, help="concurrent handshakes and joins")
+    p.add_argument("--concurrency", type=int, default=50, help="concurrent handshakes, joins and resumes")
     p.add_argument("--client-procs", type=int, default=1, help="GOMAXPROCS of the load client")
     p.add_argument("--settle-seconds", type=float, default=2.0, help="pause before each RSS reading")
     p.add_argument("--noise-retry-pct", type=float, default=25.0,
@@ -642,14 +1167,52 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--keep-db", action="store_true", help="leave the bench database in place")
     p.add_argument("--build-only", action="store_true", help=f"build the load client and exit ({EXIT_NO_GO}: no Go)")
     p.add_argument("--json", type=Path, help="also write all results to this file")
+    p.add_argument("--record", action="store_true",
+                   help='also write the summary to the "bench" key of docs/benchmarks.json')
     args = p.parse_args(argv)
-    quick = args.quick
     for name, full, short in (("sockets", 2000, 400), ("steps", DEFAULT_STEPS, QUICK_STEPS),
                               ("step_seconds", 6.0, 2.0), ("drain_seconds", 3.0, 2.0), ("refine", 2, 0),
-                              ("idle_sockets", 10000, 1000)):
+                              ("socket_count", 10000, 1000), ("big_room", 2000, 200),
+                              ("big_room_steps", BIG_ROOM_STEPS, QUICK_BIG_ROOM_STEPS),
+                              ("worker_args", "", WORKER_QUICK_ARGS)):
         if getattr(args, name) is None:
-            setattr(args, name, short if quick else full)
+            setattr(args, name, short if args.quick else full)
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if not args.servers or set(args.servers) - set(SERVERS):
+        p.error(f"--servers: one or more of {','.join(SERVERS)}")
+    if args.big_room < 2 and not args.skip_big_room:
+        p.error("--big-room needs at least 2 members (or --skip-big-room)")
     return args
+
+
+def users_needed(args: argparse.Namespace) -> int:
+    """Seeded users (= tokens): enough for the largest phase run."""
+    return max(0 if args.skip_fanout else args.sockets,
+               0 if args.skip_sockets else args.socket_count + args.idle_warm,
+               0 if args.skip_big_room else args.big_room, 1)
+
+
+def run_phases(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Every phase, in order; the bench database lives while the Parley phases run."""
+    db_url, db_desc = prepare_database(args.db, args.db_name)
+    fixtures = run_dir / "fixtures"
+    runs: dict[str, Any] = {}
+    try:
+        seeding = migrate_and_seed(db_url, users_needed(args), args.room_size,
+                                           0 if args.skip_big_room else args.big_room, fixtures)
+        if not args.skip_fanout:
+            runs["fanout"] = fanout_phase(args, db_url, fixtures, run_dir)
+        if not args.skip_big_room:
+            runs["big_room"] = big_room_phase(args, db_url, fixtures, run_dir)
+        if not args.skip_sockets:
+            runs["sockets"] = sockets_phase(args, db_url, fixtures, run_dir)
+    finally:
+        if not args.keep_db:
+            drop_database(db_url)
+    if not (args.skip_reference or args.skip_tutorial or (args.skip_fanout and args.skip_sockets)):
+        runs["tutorial"] = tutorial_phase(args, fixtures, run_dir)
+    runs["worker"] = worker_phase(args, db_desc, run_dir)
+    return runs, db_desc, seeding
 
 
 def main(argv: list[str]) -> int:
@@ -657,9 +1220,10 @@ def main(argv: list[str]) -> int:
         p = argparse.ArgumentParser()
         p.add_argument("--users", type=int, required=True)
         p.add_argument("--room-size", type=int, required=True)
+        p.add_argument("--big-room", type=int, required=True)
         p.add_argument("--out", type=Path, required=True)
         a = p.parse_args(argv[1:])
-        seed(a.users, a.room_size, a.out)
+        seed(a.users, a.room_size, a.big_room, a.out)
         return 0
     args = parse_args(argv)
     started = time.monotonic()
@@ -673,47 +1237,29 @@ def main(argv: list[str]) -> int:
         if args.build_only:
             log(f"load client built: {CLIENT_BIN}")
             return 0
-        if args.idle_sockets + 1000 > nofile:
-            log(f"warning: open-files limit {nofile} is low for {args.idle_sockets} sockets")
-        run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{args.server}"
-        run_dir = VAR / run_id
+        if args.socket_count + 1000 > nofile:
+            log(f"warning: open-files limit {nofile} is low for {args.socket_count} sockets")
+        run_dir = VAR / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir.mkdir(parents=True, exist_ok=True)
-        db_url, db_desc = prepare_database(args.db, args.db_name)
-        try:
-            users = max(args.sockets, 0 if args.skip_idle else args.idle_sockets)
-            seeding = migrate_and_seed(db_url, users, args.room_size, run_dir / "fixtures")
-            parley = run_parley(args, db_url, run_dir / "fixtures", run_dir)
-        finally:
-            if not args.keep_db:
-                drop_database(db_url)
-        reference = None if args.skip_reference else run_reference(args, run_dir)
-        results = [parley] + ([reference] if reference else [])
-        elapsed = time.monotonic() - started
+        runs, db_desc, seeding = run_phases(args, run_dir)
         meta = {
             "command": " ".join(["loadtest/bench.py", *argv]),
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"nproc={os.cpu_count()}, Python {platform.python_version()}, {platform.platform()}",
-            "database": db_desc, "seeding": seeding, "elapsed_seconds": round(elapsed, 1),
-            "sockets": args.sockets, "room_size": args.room_size, "senders_per_room": args.senders,
-            "idle_sockets": args.idle_sockets, "protocols": args.protocols, "workers": args.workers,
-            "client_procs": args.client_procs, "run_dir": str(run_dir.relative_to(REPO)),
+            "database": db_desc, "seeding": seeding, "elapsed_seconds": round(time.monotonic() - started, 1),
+            "servers": args.servers, "sockets": args.sockets, "room_size": args.room_size,
+            "senders_per_room": args.senders, "big_room": args.big_room, "socket_count": args.socket_count,
+            "protocols": args.protocols, "workers": args.workers, "client_procs": args.client_procs,
+            "run_dir": str(run_dir.relative_to(REPO)),
         }
-        (run_dir / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        summary = summarise(runs, args.servers)
+        everything = json.dumps(json_safe({"meta": meta, "summary": summary, "runs": runs}), indent=2)
+        (run_dir / "results.json").write_text(everything)
         if args.json:
-            args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-        print()
-        print(f"# {meta['command']}  ({meta['date']}; {meta['machine']}; {db_desc}; {elapsed:.0f} s)")
-        print(f"# {args.sockets} sockets in rooms of {args.room_size}, {args.senders} sender(s) per room, "
-              f"{args.protocols} protocol process(es), {args.workers} worker(s); idle: {args.idle_sockets} sockets")
-        print(f"# logs and raw results: {meta['run_dir']}/")
-        print()
-        print(markdown_table(results))
-        for r in results:
-            for kind in ("fanout_logs", "idle_logs"):
-                for item in r.get(kind, {}).get("top", [])[:4]:
-                    print(f"# {r['name']} {kind.split('_')[0]} log x{item['count']}: {item['example']}")
-        print()
-        print(final_line(parley, reference, args), flush=True)
+            args.json.write_text(everything)
+        print_report(meta, runs, summary)
+        if args.record:
+            record(meta, summary)
         return 0
     except KeyboardInterrupt:
         log("interrupted; stopping every process")

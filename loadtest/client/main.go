@@ -4,17 +4,21 @@
 //
 //	GO111MODULE=off GOPATH=/usr/share/gocode go build -o build/loadclient loadtest/client/main.go
 //
-// Two protocols: "parley" (ws://HOST/ws/?token=T, hello, join, send/ack/message frames) and
-// "tutorial" (the Channels tutorial: ws://HOST/ws/chat/<room>/, {"message": ...} both ways).
+// Three protocols: "parley" (ws://HOST/ws/?token=T, hello, join, send/ack/message frames),
+// "tutorial" (the Channels tutorial: ws://HOST/ws/chat/<room>/, {"message": ...} both ways) and
+// "hub" (the O(1) pub/sub hub: the tutorial's frames at ws://HOST/ws/hub/<room>/).
 //
-// Two modes:
+// Three modes:
 //
-//	fanout  connect -sockets sockets in rooms of -room-size, then offer each load of -steps
-//	        (deliveries/s at members) for -step-seconds, wait up to -drain-seconds for the step's
-//	        deliveries, and stop at the first step failing -max-p99-ms / -min-ratio (then refine
-//	        between the last passing and the first failing load -refine times).
-//	idle    connect -sockets sockets (after -warm warm-up sockets), hold them open while the
-//	        caller measures the server's memory; driven by lines on stdin.
+//	fanout   connect -sockets sockets in rooms of -room-size, then offer each load of -steps
+//	         (deliveries/s at members) for -step-seconds, wait up to -drain-seconds for the step's
+//	         deliveries, and stop at the first step failing -max-p99-ms / -min-ratio (then refine
+//	         between the last passing and the first failing load -refine times).
+//	idle     connect -sockets sockets (after -warm warm-up sockets), hold them open while the
+//	         caller measures the server's memory; driven by lines on stdin.
+//	sockets  (parley) -warm warm-up sockets, then -sockets more: connect (up to hello), join one
+//	         room each, close them all, reconnect each and `resume` its room from the last seq it
+//	         has (up to `resumed`); phases timed, driven by lines on stdin.
 //
 // Every result is one JSON object per line on stdout; progress goes to stderr.
 //
@@ -71,7 +75,6 @@ type config struct {
 	refine      int
 	bodyBytes   int
 	warm        int
-	join        bool
 	timeout     float64
 	pids        map[string]int
 	pidOrder    []string
@@ -88,8 +91,8 @@ func parseFlags() *config {
 	steps := flag.String("steps", "1000,2000,4000", "offered deliveries/s per step, comma-separated")
 	pids := flag.String("pids", "", "name=pid,... processes whose CPU use is reported per step")
 	procs := flag.Int("procs", 1, "GOMAXPROCS for this client")
-	flag.StringVar(&c.mode, "mode", "fanout", "fanout | idle")
-	flag.StringVar(&c.proto, "proto", "parley", "parley | tutorial")
+	flag.StringVar(&c.mode, "mode", "fanout", "fanout | idle | sockets")
+	flag.StringVar(&c.proto, "proto", "parley", "parley | tutorial | hub")
 	flag.IntVar(&c.sockets, "sockets", 2000, "sockets")
 	flag.IntVar(&c.roomSize, "room-size", 20, "sockets per room")
 	flag.IntVar(&c.senders, "senders", 1, "senders per room (the room's first sockets)")
@@ -100,8 +103,7 @@ func parseFlags() *config {
 	flag.Float64Var(&c.minRatio, "min-ratio", 0.999, "a step passes with at least this delivery ratio")
 	flag.IntVar(&c.refine, "refine", 0, "extra steps bisecting between the last pass and the first failure")
 	flag.IntVar(&c.bodyBytes, "body-bytes", 100, "message body size")
-	flag.IntVar(&c.warm, "warm", 20, "idle: warm-up sockets connected before the memory baseline")
-	flag.BoolVar(&c.join, "join", true, "idle/parley: each idle socket joins its room")
+	flag.IntVar(&c.warm, "warm", 20, "idle, sockets: warm-up sockets connected before the memory baseline")
 	flag.IntVar(&c.rootPid, "root-pid", 0, "pid whose descendants are this benchmark (CPU use of the rest is reported as other load)")
 	flag.Float64Var(&c.noisePct, "noise-retry-pct", 25, "retry a failed step once when other programs used more than this % of a core (0: never)")
 	flag.Float64Var(&c.timeout, "timeout", 900, "hard limit on this process's run time, seconds")
@@ -140,14 +142,17 @@ func parseFlags() *config {
 			}
 			c.roomIDs = append(c.roomIDs, id)
 		}
-		if len(c.tokens) < c.sockets {
-			fatal("%d tokens for %d sockets", len(c.tokens), c.sockets)
+		if len(c.tokens) < c.totalSockets() {
+			fatal("%d tokens for %d sockets", len(c.tokens), c.totalSockets())
 		}
-		if (c.mode == "fanout" || c.join) && len(c.roomIDs) < (c.sockets+c.roomSize-1)/c.roomSize {
-			fatal("%d room ids for %d rooms", len(c.roomIDs), (c.sockets+c.roomSize-1)/c.roomSize)
+		if rooms := (c.totalSockets() + c.roomSize - 1) / c.roomSize; len(c.roomIDs) < rooms {
+			fatal("%d room ids for %d rooms", len(c.roomIDs), rooms)
 		}
-	} else if c.proto != "tutorial" {
+	} else if c.proto != "tutorial" && c.proto != "hub" {
 		fatal("unknown -proto %q", c.proto)
+	}
+	if c.mode == "sockets" && c.proto != "parley" {
+		fatal("-mode sockets needs -proto parley (join and resume are Parley's)")
 	}
 	if c.senders < 1 || c.senders > c.roomSize {
 		fatal("-senders must be 1..room-size")
@@ -157,6 +162,15 @@ func parseFlags() *config {
 	}
 	c.runTag = strconv.FormatInt(time.Now().UnixNano()%1e9, 36) + strconv.Itoa(rand.Intn(1000))
 	return c
+}
+
+// totalSockets: in sockets mode the -warm warm-up sockets come on top of -sockets (they are
+// not timed); in idle mode they are the first of -sockets.
+func (c *config) totalSockets() int {
+	if c.mode == "sockets" {
+		return c.warm + c.sockets
+	}
+	return c.sockets
 }
 
 func readLines(path string) []string {
@@ -343,18 +357,25 @@ var (
 // ---- connections -----------------------------------------------------------------------------
 
 type client struct {
-	idx      int
-	room     int
-	roomID   int64
-	members  int64
-	ws       *websocket.Conn
-	sendCh   chan sendItem
-	joinCh   chan string // "" when joined, else the error
-	joining  int32
-	lastSeq  int64
-	open     int32
-	msgCount int64
+	idx       int
+	room      int
+	roomID    int64
+	members   int64
+	ws        *websocket.Conn
+	sendCh    chan sendItem
+	replyCh   chan string // the awaited answer: "" when it came, else the error
+	awaiting  int32       // awaitJoined / awaitResumed while a request waits for its answer
+	lastSeq   int64       // seq of the last message received (0: none yet)
+	joinedSeq int64       // the room's last_seq in the last `joined` frame
+	open      int32
 }
+
+// What a request waits for (client.awaiting).
+const (
+	awaitNothing int32 = iota
+	awaitJoined
+	awaitResumed
+)
 
 type sendItem struct {
 	step      int
@@ -374,6 +395,9 @@ func (c *config) socketURL(i int) string {
 	base := c.urls[i%len(c.urls)]
 	if c.proto == "parley" {
 		return base + "/ws/?token=" + url.QueryEscape(c.tokens[i])
+	}
+	if c.proto == "hub" {
+		return fmt.Sprintf("%s/ws/hub/r%d/", base, i/c.roomSize)
 	}
 	return fmt.Sprintf("%s/ws/chat/r%d/", base, i/c.roomSize)
 }
@@ -469,14 +493,15 @@ func parseInt(b []byte) (int64, int) {
 }
 
 var (
-	bodyMarker = []byte(`"~`)
-	seqMarker  = []byte(`"seq":`)
-	pJoined    = []byte(`{"type":"joined"`)
-	pAck       = []byte(`{"type":"ack"`)
-	pError     = []byte(`{"type":"error"`)
-	pReload    = []byte(`{"type":"reload"`)
-	pResumed   = []byte(`{"type":"resumed"`)
-	pMessage   = []byte(`{"type":"message"`)
+	bodyMarker    = []byte(`"~`)
+	seqMarker     = []byte(`"seq":`)
+	lastSeqMarker = []byte(`"last_seq":`)
+	pJoined       = []byte(`{"type":"joined"`)
+	pAck          = []byte(`{"type":"ack"`)
+	pError        = []byte(`{"type":"error"`)
+	pReload       = []byte(`{"type":"reload"`)
+	pResumed      = []byte(`{"type":"resumed"`)
+	pMessage      = []byte(`{"type":"message"`)
 )
 
 func (cfg *config) reader(c *client) {
@@ -485,15 +510,10 @@ func (cfg *config) reader(c *client) {
 	for {
 		_, r, err := c.ws.NextReader()
 		if err != nil {
-			atomic.StoreInt32(&c.open, 0)
-			if atomic.LoadInt32(&shutdown) == 0 {
+			// Still open: the server (or the network) closed it, not this client.
+			if atomic.SwapInt32(&c.open, 0) == 1 && atomic.LoadInt32(&shutdown) == 0 {
 				closes.add(closeText(err))
-				if atomic.LoadInt32(&c.joining) == 1 {
-					select {
-					case c.joinCh <- "closed: " + closeText(err):
-					default:
-					}
-				}
+				c.answer(awaitNothing, "closed: "+closeText(err))
 			}
 			return
 		}
@@ -551,48 +571,75 @@ func (cfg *config) reader(c *client) {
 		case bytes.HasPrefix(b, pAck):
 			atomic.AddInt64(&acks, 1)
 		case bytes.HasPrefix(b, pJoined):
-			if atomic.LoadInt32(&c.joining) == 1 {
-				select {
-				case c.joinCh <- "":
-				default:
-				}
+			if j := bytes.Index(b, lastSeqMarker); j >= 0 {
+				c.joinedSeq, _ = parseInt(b[j+len(lastSeqMarker):])
 			}
+			c.answer(awaitJoined, "")
 		case bytes.HasPrefix(b, pError):
 			code := frameCode(b)
 			serverErr.add(code)
-			if atomic.LoadInt32(&c.joining) == 1 {
-				select {
-				case c.joinCh <- "error " + code:
-				default:
-				}
+			c.answer(awaitNothing, "error "+code)
+		case bytes.HasPrefix(b, pResumed):
+			if !c.answer(awaitResumed, "") {
+				atomic.AddInt64(&reloads, 1) // a resumed frame nobody asked for
 			}
-		case bytes.HasPrefix(b, pReload), bytes.HasPrefix(b, pResumed):
+		case bytes.HasPrefix(b, pReload):
 			atomic.AddInt64(&reloads, 1)
+			c.answer(awaitResumed, "reload (too much missed)")
 		case bytes.HasPrefix(b, pMessage):
 			atomic.AddInt64(&otherMsgs, 1) // a message not sent by this run
 		}
 	}
 }
 
-// join sends Parley's join frame and waits for `joined` (the reader goroutine signals it).
-func (cfg *config) joinRoom(c *client) error {
-	atomic.StoreInt32(&c.joining, 1)
-	defer atomic.StoreInt32(&c.joining, 0)
-	frame := fmt.Sprintf(`{"type":"join","room":%d}`, c.roomID)
+// answer hands the reader's news to a waiting request: a frame of the kind it waits for
+// (`kind`), or, with awaitNothing, an error or close that ends any wait. Reports whether a
+// request was waiting for it.
+func (c *client) answer(kind int32, res string) bool {
+	waiting := atomic.LoadInt32(&c.awaiting)
+	if waiting == awaitNothing || (kind != awaitNothing && kind != waiting) {
+		return false
+	}
+	select {
+	case c.replyCh <- res:
+	default:
+	}
+	return true
+}
+
+// request writes one frame and waits for the answer the reader goroutine hands over.
+func (c *client) request(kind int32, name, frame string) error {
+	atomic.StoreInt32(&c.awaiting, kind)
+	defer atomic.StoreInt32(&c.awaiting, awaitNothing)
 	c.ws.SetWriteDeadline(time.Now().Add(30 * time.Second))
 	if err := c.ws.WriteMessage(websocket.TextMessage, []byte(frame)); err != nil {
-		return fmt.Errorf("join write: %s", closeText(err))
+		return fmt.Errorf("%s write: %s", name, closeText(err))
 	}
 	c.ws.SetWriteDeadline(time.Time{})
 	select {
-	case res := <-c.joinCh:
+	case res := <-c.replyCh:
 		if res != "" {
-			return errors.New("join: " + res)
+			return fmt.Errorf("%s: %s", name, res)
 		}
 		return nil
 	case <-time.After(30 * time.Second):
-		return errors.New("join: no joined frame within 30s")
+		return fmt.Errorf("%s: no answer within 30s", name)
 	}
+}
+
+// joinRoom sends Parley's join frame and waits for `joined`.
+func (cfg *config) joinRoom(c *client) error {
+	return c.request(awaitJoined, "join", fmt.Sprintf(`{"type":"join","room":%d}`, c.roomID))
+}
+
+// resumeRoom sends `resume` for the client's room from the last seq it has, and waits for
+// `resumed` (the server sends joined, the missed messages, then resumed).
+func (cfg *config) resumeRoom(c *client) error {
+	from := c.joinedSeq
+	if c.lastSeq > from {
+		from = c.lastSeq
+	}
+	return c.request(awaitResumed, "resume", fmt.Sprintf(`{"type":"resume","rooms":{"%d":%d}}`, c.roomID, from))
 }
 
 type phaseResult struct {
@@ -636,7 +683,7 @@ func runPhase(clients []*client, concurrency int, fn func(*client) error) ([]*cl
 func (cfg *config) makeClients(from, to int) []*client {
 	out := make([]*client, 0, to-from)
 	for i := from; i < to; i++ {
-		c := &client{idx: i, room: i / cfg.roomSize, joinCh: make(chan string, 1)}
+		c := &client{idx: i, room: i / cfg.roomSize, replyCh: make(chan string, 1)}
 		if cfg.proto == "parley" && c.room < len(cfg.roomIDs) {
 			c.roomID = cfg.roomIDs[c.room]
 		}
@@ -1026,8 +1073,9 @@ func (cfg *config) runStep(idx int, offered float64, senders []*client, msgsPerD
 	return res
 }
 
-// waitQuiet waits until no deliveries of any step arrived for `quiet`, at most `limit`.
-func waitQuiet(quiet, limit time.Duration) float64 {
+// waitQuiet waits until no deliveries of any step arrived for `quiet`, at most `limit`; it
+// returns the seconds waited and whether deliveries had stopped.
+func waitQuiet(quiet, limit time.Duration) (float64, bool) {
 	start := time.Now()
 	count := func() int64 {
 		var n int64
@@ -1044,10 +1092,10 @@ func waitQuiet(quiet, limit time.Duration) float64 {
 		if n := count(); n != last {
 			last, lastChange = n, time.Now()
 		} else if time.Since(lastChange) >= quiet {
-			break
+			return time.Since(start).Seconds(), true
 		}
 	}
-	return time.Since(start).Seconds()
+	return time.Since(start).Seconds(), false
 }
 
 func (cfg *config) fanout() {
@@ -1088,7 +1136,7 @@ func (cfg *config) fanout() {
 		for attempt := 0; attempt < 2 && idx < maxSteps; attempt++ {
 			waited := 0.0
 			if refine || attempt > 0 {
-				waited = waitQuiet(time.Second, 30*time.Second)
+				waited, _ = waitQuiet(time.Second, 30*time.Second)
 			}
 			r := cfg.runStep(idx, offered, senders, msgsPerDelivery, map[string]any{
 				"refine": refine, "retry": attempt > 0, "recovery_wait_seconds": round(waited, 2),
@@ -1130,8 +1178,9 @@ func (cfg *config) fanout() {
 			firstFail = mid
 		}
 	}
-	// Deliveries still arriving after their step's window are reported as late.
-	waitQuiet(500*time.Millisecond, 5*time.Second)
+	// Deliveries still arriving after their step's window are late, not lost: wait for the
+	// stragglers of an overloaded last step (bounded), and say whether they had stopped.
+	_, quiet := waitQuiet(time.Second, 30*time.Second)
 	late := make([]int64, idx)
 	for i := 0; i < idx; i++ {
 		late[i] = atomic.LoadInt64(&steps[i].late)
@@ -1150,6 +1199,7 @@ func (cfg *config) fanout() {
 	emit(map[string]any{
 		"event":              "done",
 		"late_by_step":       late,
+		"quiet_at_end":       quiet,
 		"open_at_end":        open,
 		"server_error_kinds": serverErr.snapshot(),
 		"server_close_kinds": closes.snapshot(),
@@ -1164,6 +1214,7 @@ func (cfg *config) fanout() {
 func closeAll(clients []*client) {
 	msg := websocket.FormatCloseMessage(websocket.CloseNormalClosure, "")
 	for _, c := range clients {
+		atomic.StoreInt32(&c.open, 0) // closed by this client: not a server close
 		c.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(100*time.Millisecond))
 	}
 	time.Sleep(200 * time.Millisecond)
@@ -1180,15 +1231,20 @@ func (cfg *config) idle() {
 	if warmN > cfg.sockets {
 		warmN = cfg.sockets
 	}
-	warm, wres := cfg.connectAll(cfg.makeClients(0, warmN), cfg.join, "idle warm-up")
+	warm, wres := cfg.connectAll(cfg.makeClients(0, warmN), true, "idle warm-up")
 	wres["event"] = "warm"
 	emit(wres)
 	in.Scan() // the caller has taken its baseline
-	rest, res := cfg.connectAll(cfg.makeClients(warmN, cfg.sockets), cfg.join, "idle")
+	rest, res := cfg.connectAll(cfg.makeClients(warmN, cfg.sockets), true, "idle")
 	res["event"] = "ready"
 	emit(res)
 	in.Scan() // the caller has measured
-	all := append(warm, rest...)
+	emitAlive(append(warm, rest...))
+}
+
+// emitAlive reports how many of the clients are still open (and what closed the others), then
+// closes them all.
+func emitAlive(all []*client) {
 	open := 0
 	for _, c := range all {
 		if atomic.LoadInt32(&c.open) == 1 {
@@ -1203,6 +1259,54 @@ func (cfg *config) idle() {
 		"server_error_kinds": serverErr.snapshot(),
 	})
 	closeAll(all)
+}
+
+// ---- sockets: connect, join, reconnect and resume ----------------------------------------------
+
+// socketPhases times Parley's socket phases on -sockets sockets after -warm warm-up ones (which stay
+// open throughout and are not timed). Between phases it waits for a line on stdin, so that the
+// caller can read the server's memory or let it finish the disconnects.
+func (cfg *config) socketPhases() {
+	in := bufio.NewScanner(os.Stdin)
+	warm, wres := cfg.connectAll(cfg.makeClients(0, cfg.warm), true, "sockets warm-up")
+	wres["event"] = "warm"
+	emit(wres)
+	in.Scan() // the caller has taken its baseline
+	ready, res := cfg.connectAll(cfg.makeClients(cfg.warm, cfg.warm+cfg.sockets), true, "sockets")
+	res["event"] = "ready"
+	emit(res)
+	in.Scan() // the caller has measured the joined sockets
+	start := time.Now()
+	closeAll(ready)
+	emit(map[string]any{"event": "closed", "closed": len(ready), "close_seconds": round(time.Since(start).Seconds(), 3)})
+	in.Scan() // the server has handled the disconnects
+	resumed, rr := cfg.reconnectAll(ready)
+	emit(map[string]any{
+		"event":              "resumed",
+		"attempted":          len(ready),
+		"resumed":            rr.ok,
+		"resume_errors":      len(ready) - rr.ok,
+		"resume_seconds":     round(rr.seconds, 3),
+		"resume_rate":        round(float64(rr.ok)/math.Max(rr.seconds, 1e-9), 1),
+		"resume_error_kinds": rr.errs,
+	})
+	in.Scan() // the caller has measured the resumed sockets
+	emitAlive(append(warm, resumed...))
+}
+
+// reconnectAll reconnects every client and resumes its room: the clock runs from the first dial
+// to the last `resumed`, as for a server's worth of clients coming back at once.
+func (cfg *config) reconnectAll(clients []*client) ([]*client, phaseResult) {
+	logf("resume: reconnecting %d sockets, %d at a time", len(clients), cfg.concurrency)
+	resumed, rr := runPhase(clients, cfg.concurrency, func(c *client) error {
+		if err := cfg.connect(c); err != nil {
+			return err
+		}
+		go cfg.reader(c)
+		return cfg.resumeRoom(c)
+	})
+	logf("resume: %d/%d resumed in %.1fs", rr.ok, len(clients), rr.seconds)
+	return resumed, rr
 }
 
 func raiseNofile() {
@@ -1225,6 +1329,8 @@ func main() {
 		cfg.fanout()
 	case "idle":
 		cfg.idle()
+	case "sockets":
+		cfg.socketPhases()
 	default:
 		fatal("unknown -mode %q", cfg.mode)
 	}

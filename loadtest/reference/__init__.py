@@ -1,1 +1,2 @@
-"""The reference server: the Channels tutorial chat, unchanged, for `loadtest/bench.py` to compare against."""
+"""The reference servers `loadtest/bench.py` compares Parley against: the Channels tutorial chat,
+unchanged (`consumers.py`, /ws/chat/<room>/), and the O(1) pub/sub hub (`hub.py`, /ws/hub/<room>/)."""

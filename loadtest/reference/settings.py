@@ -1,7 +1,8 @@
-"""Settings of the reference server: only what the Channels tutorial's chat needs.
+"""Settings of the reference servers: only what the Channels tutorial's chat and the hub need.
 
 The channel layer is channels-redis' `RedisChannelLayer` with default settings (only the host),
-exactly as the tutorial configures it. No database, no auth, no sessions.
+exactly as the tutorial configures it; the hub uses no channel layer, only REDIS_URL. No
+database, no auth, no sessions.
 """
 
 import os
@@ -14,6 +15,7 @@ ROOT_URLCONF = "reference.urls"
 ASGI_APPLICATION = "reference.asgi.application"
 DATABASES: dict = {}
 USE_TZ = True
+TIME_ZONE = "UTC"  # log times as the other servers of the bench write them
 
 CHANNEL_LAYERS = {
     "default": {
@@ -22,9 +24,11 @@ CHANNEL_LAYERS = {
     }
 }
 
+# The level in every line: the benchmark tells a reference's errors from its warnings by it.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": "WARNING"},
 }
