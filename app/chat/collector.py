@@ -5,7 +5,7 @@ stopped the event loop for 120-185 ms several times a minute under load (gc call
 it; issue 11), and it grows with the sockets held. Those pauses, not the CPU, were what failed
 `make bench` steps at low load: every delivery waiting in them is late.
 
-So, every `FREEZE_SECONDS`, the young generations are collected (cheap: only what was made
+So, every `FREEZE_SECONDS` (5 s), the young generations are collected (cheap: only what was made
 since) and everything still alive is frozen (`gc.freeze`): sockets, rooms, cursors leave the
 collector's passes, which then cover only what is new. Garbage among frozen objects (a closed
 socket's Twisted protocol and transport refer to each other) waits for the full pass that
@@ -22,9 +22,11 @@ import time
 
 log = logging.getLogger(__name__)
 
-# How often what is alive is frozen. Short enough that little accumulates unfrozen between
-# two freezes (the automatic passes stay small); each freeze costs a young collection, ~1-10 ms.
-FREEZE_SECONDS = 30.0
+# How often what is alive is frozen. Short enough that a connect storm's sockets are frozen
+# before the interpreter's own full pass comes round to them (at 30 s, `make bench`'s first
+# steps after 2,000 connects still met 140 ms passes); each freeze costs a young collection,
+# ~1-10 ms.
+FREEZE_SECONDS = 5.0
 # How often frozen garbage is reclaimed with a full pass.
 FULL_SECONDS = 600.0
 # A full pass longer than this is logged at WARNING: the process holds more than it should.
