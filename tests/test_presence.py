@@ -57,7 +57,7 @@ async def test_a_departure_is_announced_after_the_grace_period_and_the_user_is_g
     assert published == []  # not yet
     await settled(book)
     assert published == [(7, "bob", "offline")]
-    assert (await PresenceBook.online(7)).count == 0
+    assert (await PresenceBook().online(7)).count == 0
 
 
 async def test_back_on_the_same_process_within_the_grace_period_nothing_is_announced(published):
@@ -67,7 +67,7 @@ async def test_back_on_the_same_process_within_the_grace_period_nothing_is_annou
     assert await arrive(book, 7, 1, "bob") == []  # the room still knows bob: no news
     await settled(book)
     assert published == []
-    assert [u["username"] for u in (await PresenceBook.online(7)).users] == ["bob"]
+    assert [u["username"] for u in (await PresenceBook().online(7)).users] == ["bob"]
 
 
 async def test_back_on_another_process_within_the_grace_period_nothing_is_announced(published):
@@ -78,7 +78,7 @@ async def test_back_on_another_process_within_the_grace_period_nothing_is_announ
     assert await arrive(other, 7, 1, "bob") == []
     await settled(drained, other)
     assert published == []
-    assert [u["username"] for u in (await PresenceBook.online(7)).users] == ["bob"]
+    assert [u["username"] for u in (await PresenceBook().online(7)).users] == ["bob"]
 
 
 async def test_a_crowded_rooms_departure_leaves_the_set_unannounced(published):
@@ -88,4 +88,4 @@ async def test_a_crowded_rooms_departure_leaves_the_set_unannounced(published):
     book.leave_later(7, 1, "bob", announce=False)
     await settled(book)
     assert published == []
-    assert (await PresenceBook.online(7)).count == 0
+    assert (await PresenceBook().online(7)).count == 0

@@ -399,12 +399,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         first = [room for room in cursors if PRESENCE.arrive(room, self.user_id, self.username)]
         if not first:
             return
-        new = await PRESENCE.mark_online_many(first, self.user_id, self.username)
-        me = self._me()
-        await fanout.publish_many(
-            (room, None, dumps({"type": "presence", "room": room, "user": me, "status": "online"}))
-            for room in new if not cursors[room].quiet
-        )
+        new = [room for room in await PRESENCE.mark_online_many(first, self.user_id, self.username)
+               if not cursors[room].quiet]
+        if new:  # a reconnect is no news: nothing to publish
+            me = self._me()
+            await fanout.publish_many(
+                (room, None, dumps({"type": "presence", "room": room, "user": me, "status": "online"}))
+                for room in new
+            )
 
     async def _detach(self, room: int) -> None:
         cursor = self.rooms.pop(room, None)

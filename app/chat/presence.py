@@ -32,6 +32,7 @@ from typing import NamedTuple, TypeVar
 
 from redis.exceptions import RedisError
 
+from chat.coalesce import Coalescer
 from chat.contract import presence_key, room_topic
 from chat.protocol import dumps
 from chat.redis_pool import client_for
@@ -101,8 +102,21 @@ def _same(room: int) -> int:
     return room
 
 
+# Batches of presence questions in flight at once (one: the rest wait and go out together, as
+# `chat.reads_pg.LANES`), and questions per batch (a 500-room resume fits in one).
+BATCH_LANES = 1
+BATCH_MAX = 500
+
+
+class PresenceBatches(NamedTuple):
+    loop: asyncio.AbstractEventLoop
+    online: Coalescer[int, Online]
+    adds: Coalescer[tuple[int, str], bool]
+
+
 class PresenceBook:
     def __init__(self) -> None:
+        self.batches: PresenceBatches | None = None
         self.local: Counter[tuple[int, int]] = Counter()
         # Departures by due time (a heap: the grace period is a setting, and tests change it).
         self.leaving: list[Leaving] = []
@@ -141,17 +155,30 @@ class PresenceBook:
 
     async def mark_online_many(self, rooms: list[int], user: int, username: str) -> list[int]:
         """Add the user to the rooms' online sets; the rooms where that is news (the set did
-        not hold the user: announce those)."""
-        member = {_member(user, username): time.time() + self._ttl()}
-        new: list[int] = []
-        for shard_rooms in _by_shard(rooms, _same).values():
-            pipe = client_for(_shard_key(shard_rooms[0])).pipeline(transaction=False)
-            for room in shard_rooms:
-                pipe.zadd(presence_key(room), member)
-            for room, added in zip(shard_rooms, await pipe.execute(), strict=True):
-                if added:
-                    new.append(room)
-        return new
+        not hold the user: announce those). Batched with other sockets' arrivals."""
+        member = _member(user, username)
+        added = await self._batches().adds.get_many((room, member) for room in rooms)
+        return [room for (room, _), new in added.items() if new]
+
+    async def _add(self, keys: list[tuple[int, str]]) -> dict[tuple[int, str], bool]:
+        expires = time.time() + self._ttl()
+        added: dict[tuple[int, str], bool] = {}
+        for shard_keys in _by_shard(keys, lambda key: key[0]).values():
+            pipe = client_for(_shard_key(shard_keys[0][0])).pipeline(transaction=False)
+            for room, member in shard_keys:
+                pipe.zadd(presence_key(room), {member: expires})
+            for key, count in zip(shard_keys, await pipe.execute(), strict=True):
+                added[key] = bool(count)
+        return added
+
+    def _batches(self) -> PresenceBatches:
+        """This loop's batched reads and writes (`chat.coalesce`): in a resume storm the sockets
+        of a room ask the same question, and each pipeline costs the process ~300 µs of CPU."""
+        loop = asyncio.get_running_loop()
+        if self.batches is None or self.batches.loop is not loop:
+            self.batches = PresenceBatches(loop, Coalescer(self._online, BATCH_LANES, BATCH_MAX),
+                                           Coalescer(self._add, BATCH_LANES, BATCH_MAX))
+        return self.batches
 
     def leave_later(self, room: int, user: int, username: str, announce: bool) -> None:
         """The user's last local connection left the room: settle it after the grace period."""
@@ -206,14 +233,17 @@ class PresenceBook:
                 for leaving in offline
             )
 
-    @staticmethod
-    async def online(room: int) -> Online:
-        return (await PresenceBook.online_many([room]))[room]
+    async def online(self, room: int) -> Online:
+        return (await self.online_many([room]))[room]
 
-    @staticmethod
-    async def online_many(rooms: list[int]) -> dict[int, Online]:
-        """`Online` of many rooms in one pipelined round trip per shard (a 500-room `resume`).
-        At most PARLEY_PRESENCE_MAX users are read per room, whatever its size."""
+    async def online_many(self, rooms: list[int]) -> dict[int, Online]:
+        """`Online` of each room, read together with other sockets' questions (one pipelined
+        round trip per shard per batch). At most PARLEY_PRESENCE_MAX users are read per room,
+        whatever its size."""
+        found = await self._batches().online.get_many(rooms)
+        return {room: online or Online([], 0) for room, online in found.items()}
+
+    async def _online(self, rooms: list[int]) -> dict[int, Online]:
         now = time.time()
         most = CONFIG.presence_max
         result: dict[int, Online] = {}

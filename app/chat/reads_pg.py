@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 # Keys per statement: a `resume` of the most rooms a connection may hold
 # (PARLEY_MAX_ROOMS_PER_CONNECTION, 500 by default) fits in one, and a batch's arrays stay a few KB.
 MAX_BATCH = 500
+# Statements of one kind in flight at once. One: what arrives while it runs waits and goes out
+# together in the next, so in a storm every statement carries many sockets' questions. With 4,
+# the first questions went out nearly alone and a 5,000-socket resume took 29.5 s of the
+# process's CPU instead of 18.6 s (docs/benchmarks.md). Kinds run side by side, on the pool.
+LANES = 1
 # A read that finds no free connection within this many seconds fails as `unavailable`
 # instead of holding its socket's frame (and the client) indefinitely.
 ACQUIRE_TIMEOUT = 5.0
@@ -165,11 +170,11 @@ class Reads:
         size = CONFIG.protocol_db_connections
         self.loop = asyncio.get_running_loop()
         self.pool = ConnectionPool(conninfo_from_django("parley-protocol"), size)
-        self.tokens = Coalescer(self._tokens, size, MAX_BATCH)
-        self.rooms = Coalescer(self._rooms, size, MAX_BATCH)
-        self.new_members = Coalescer(self._add_members, size, MAX_BATCH)
-        self.seqs = Coalescer(self._last_seqs, size, MAX_BATCH)
-        self.after = Coalescer(self._after, size, MAX_BATCH)
+        self.tokens = Coalescer(self._tokens, LANES, MAX_BATCH)
+        self.rooms = Coalescer(self._rooms, LANES, MAX_BATCH)
+        self.new_members = Coalescer(self._add_members, LANES, MAX_BATCH)
+        self.seqs = Coalescer(self._last_seqs, LANES, MAX_BATCH)
+        self.after = Coalescer(self._after, LANES, MAX_BATCH)
 
     async def _tokens(self, hashes: list[str]) -> dict[str, tuple[int, int, str, datetime]]:
         now = datetime.now(UTC)
