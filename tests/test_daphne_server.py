@@ -195,3 +195,13 @@ async def test_frames_go_out_at_once_when_the_server_can_and_in_order_when_it_ca
     assert written == ["now:a", "sent:b", "sent:c"]
     consumer.push_text("d")
     assert written[-1] == "now:d"
+
+
+@pytest.mark.slow
+async def test_frames_larger_than_the_client_frame_limit_reach_the_client(lean_daphne):
+    """The 64 KiB limit is for what clients send; a 200 KB frame of the server's (a history
+    page) goes out whole (autobahn applied the limit to sends too: the socket was closed)."""
+    async with websockets.connect(f"ws://127.0.0.1:{lean_daphne}/ws/", max_size=2**20) as ws:
+        await ws.send("flood:2,200000")
+        frames = [await asyncio.wait_for(ws.recv(), 10) for _ in range(3)]
+    assert [len(f) for f in frames[:2]] == [200002, 200002] and frames[2] == "flood done"

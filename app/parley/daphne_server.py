@@ -164,6 +164,19 @@ class LeanWebSocketProtocol(WebSocketProtocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def sendMessage(self, payload: bytes, isBinary: bool = False, *args: Any, **kwargs: Any) -> None:
+        """autobahn applies `maxMessagePayloadSize` to what the server sends as well as to what it
+        receives. That limit (PARLEY_WS_MAX_SIZE, 64 KiB) is for clients' frames; Parley's own are
+        bounded by PARLEY_MAX_FRAME_BYTES (a history page may be up to that): let them out.
+        Before this, a history page over 64 KiB failed to send and closed its socket with 4011."""
+        if not 0 < self.maxMessagePayloadSize < len(payload):
+            return super().sendMessage(payload, isBinary, *args, **kwargs)
+        self.maxMessagePayloadSize = 0  # shadows the class option for this one message
+        try:
+            return super().sendMessage(payload, isBinary, *args, **kwargs)
+        finally:
+            del self.maxMessagePayloadSize
+
     def write_now(self, text: str) -> bool:
         """Write a text frame at once if it can go without waiting (the socket is open and
         Twisted's buffer is not full); False leaves it to the ASGI `send()`. The consumer's
