@@ -22,20 +22,23 @@ from chat.coalesce import Coalescer
 from chat.models import ApiToken, Membership, Room
 from chat.protocol import ProtocolError
 from chat.services import create_group, open_dm
-from tests.helpers import make_user
+from tests.helpers import make_user, record_async_reads
 
 # Committed data: the PostgreSQL path reads with connections of its own.
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture(params=["orm", "reads_pg"])
-def backend(request: pytest.FixtureRequest) -> Iterator[Any]:
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The read path under test, behind `chat.reads` (the interface the consumer calls)."""
     if request.param == "orm":
-        yield reads.OrmReads()
-        return
-    if connection.vendor != "postgresql":
+        chosen: Any = reads.OrmReads()
+    elif connection.vendor != "postgresql":
         pytest.skip("the async read path is PostgreSQL's")
-    yield reads_pg
+    else:
+        chosen = reads_pg
+    monkeypatch.setattr(reads, "backend", lambda: chosen)
+    yield chosen
 
 
 def run(coroutine: Any) -> Any:
@@ -51,7 +54,9 @@ async def closing(coroutine: Any) -> Any:
 
 
 def read(backend: Any, name: str, *args: Any) -> Any:
-    return run(closing(getattr(backend, name)(*args)))
+    """`chat.reads.<name>(*args)`, answered by `backend`."""
+    assert reads.backend() is backend
+    return run(closing(getattr(reads, name)(*args)))
 
 
 # --- joins ---------------------------------------------------------------------------------------
@@ -162,13 +167,7 @@ def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     if connection.vendor != "postgresql":
         pytest.skip("the async read path is PostgreSQL's")
     sent: list[str] = []
-    original = reads_pg._rows
-
-    async def counted(sql: str, params: Any) -> Any:
-        sent.append(sql)
-        return await original(sql, params)
-
-    monkeypatch.setattr(reads_pg, "_rows", counted)
+    record_async_reads(monkeypatch, sent.append)
     return sent
 
 

@@ -30,15 +30,14 @@ from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.db import connection
-from django.db.backends.utils import CursorWrapper
 from django.test import Client
 from django.utils import timezone
 
-from chat import contract, reads, reads_pg, throttle, tokens, views
+from chat import contract, reads, throttle, tokens, views
 from chat.models import ApiToken
 from chat.throttle import HandshakeLimiter, Verdict, address_key
 from parley.asgi import application
-from tests.helpers import make_user
+from tests.helpers import make_user, record_statements
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -119,25 +118,10 @@ class QueryCounter:
         self.statements: list[str] = []
         self.lock = threading.Lock()
 
-    def __call__(self, original: Any) -> Any:
-        counter = self
-
-        def execute(cursor: Any, sql: str, params: Any = None) -> Any:
-            if "chat_apitoken" in sql:
-                with counter.lock:
-                    counter.statements.append(sql)
-            return original(cursor, sql, params)
-
-        return execute
-
-
-    def wrap_async(self, original: Any) -> Any:
-        async def rows(sql: str, params: Any) -> Any:
-            if "chat_apitoken" in sql:
+    def note(self, sql: str) -> None:
+        if "chat_apitoken" in sql:
+            with self.lock:
                 self.statements.append(sql)
-            return await original(sql, params)
-
-        return rows
 
 
 @pytest.fixture
@@ -145,8 +129,7 @@ def token_queries(monkeypatch: pytest.MonkeyPatch) -> QueryCounter:
     """Both read paths: the ORM's cursors (HTTP; handshakes on SQLite) and the protocol
     process's async statements on PostgreSQL (`chat.reads_pg`)."""
     counter = QueryCounter()
-    monkeypatch.setattr(CursorWrapper, "execute", counter(CursorWrapper.execute))
-    monkeypatch.setattr(reads_pg, "_rows", counter.wrap_async(reads_pg._rows))
+    record_statements(monkeypatch, counter.note)
     return counter
 
 
@@ -596,7 +579,7 @@ async def test_a_handshake_whose_token_cannot_be_checked_is_told_to_come_back(mo
     tokens.CACHE.clear()
 
     class Unreachable:
-        async def find_token(self, plaintext: str) -> None:
+        async def lookup_token(self, key_hash: str) -> None:
             raise reads.DatabaseUnavailable("connection refused")
 
     monkeypatch.setattr(reads, "backend", lambda: Unreachable())

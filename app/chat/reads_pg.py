@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from functools import cache
@@ -26,10 +25,8 @@ import psycopg
 from chat import batch_plan, join_rules, tokens
 from chat.batch_plan import StoredMessage
 from chat.coalesce import Coalescer
-from chat.store_pg import TRANSIENT_ERRORS, conninfo_from_django
+from chat.store_pg import TRANSIENT_ERRORS, connect, conninfo_from_django
 from parley.config import CONFIG
-
-log = logging.getLogger(__name__)
 
 # Keys per statement: a `resume` of the most rooms a connection may hold
 # (PARLEY_MAX_ROOMS_PER_CONNECTION, 500 by default) fits in one, and a batch's arrays stay a few KB.
@@ -110,7 +107,6 @@ class ConnectionPool:
 
     def __init__(self, conninfo: str, size: int) -> None:
         self.conninfo = conninfo
-        self.loop = asyncio.get_running_loop()
         self.idle: list[psycopg.AsyncConnection[Any]] = []
         self.slots = asyncio.Semaphore(size)
 
@@ -125,7 +121,7 @@ class ConnectionPool:
             await self.slots.acquire()  # free: no timer (wait_for costs a task per call)
         conn: psycopg.AsyncConnection[Any] | None = None
         try:
-            conn = self.idle.pop() if self.idle else await self._connect()
+            conn = self.idle.pop() if self.idle else await connect(self.conninfo)
             yield conn
         except TRANSIENT_ERRORS as exc:
             raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
@@ -139,12 +135,6 @@ class ConnectionPool:
             if conn is not None and not conn.closed and not conn.broken:
                 self.idle.append(conn)
             self.slots.release()
-
-    async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
-        # Timestamps (a message's `sent_at`) in UTC, as Django's connections read them.
-        await conn.execute("SET TIME ZONE 'UTC'")
-        return conn
 
     def abandon(self) -> None:
         """Close every idle connection now (its loop is gone: nothing can be awaited on it)."""
@@ -167,9 +157,8 @@ class Reads:
     """One event loop's connections, and its lookups batched across sockets (`chat.coalesce`)."""
 
     def __init__(self) -> None:
-        size = CONFIG.protocol_db_connections
         self.loop = asyncio.get_running_loop()
-        self.pool = ConnectionPool(conninfo_from_django("parley-protocol"), size)
+        self.pool = ConnectionPool(conninfo_from_django("parley-protocol"), CONFIG.protocol_db_connections)
         self.tokens = Coalescer(self._tokens, LANES, MAX_BATCH)
         self.rooms = Coalescer(self._rooms, LANES, MAX_BATCH)
         self.new_members = Coalescer(self._add_members, LANES, MAX_BATCH)
@@ -231,10 +220,8 @@ async def _rows(sql: str, params: Any) -> list[tuple[Any, ...]]:
         return await cursor.fetchall() if cursor.description is not None else []
 
 
-async def find_token(plaintext: str) -> tokens.TokenInfo | None:
-    key_hash, hit, info = tokens.cached(plaintext)
-    if hit or key_hash is None:
-        return info
+async def lookup_token(key_hash: str) -> tokens.TokenInfo | None:
+    """`chat.tokens.lookup`: a hash the cache did not know, batched with other handshakes'."""
     return tokens.remember(key_hash, await current().tokens.get(key_hash))
 
 

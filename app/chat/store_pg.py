@@ -105,6 +105,14 @@ def conninfo_from_django(application_name: str = "parley-worker", alias: str = "
     return psycopg.conninfo.make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
 
+async def connect(conninfo: str) -> psycopg.AsyncConnection[Any]:
+    """A connection of the async paths (this store, `chat.reads_pg`): autocommit, timestamps
+    read back in UTC as Django's connections read them."""
+    conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+    await conn.execute("SET TIME ZONE 'UTC'")
+    return conn
+
+
 class PgStore:
     """Stores batches on one connection of its own (one store per worker lane)."""
 
@@ -114,9 +122,7 @@ class PgStore:
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self.conn is None or self.conn.closed or self.conn.broken:
-            self.conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
-            # Timestamps read back (a retry's frame) in UTC, as Django's connections read them.
-            await self.conn.execute("SET TIME ZONE 'UTC'")
+            self.conn = await connect(self.conninfo)
         return self.conn
 
     async def close(self) -> None:

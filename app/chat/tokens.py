@@ -133,6 +133,11 @@ def find_token(plaintext: str) -> TokenInfo | None:
     key_hash, hit, info = cached(plaintext)
     if hit or key_hash is None:
         return info
+    return lookup(key_hash)
+
+
+def lookup(key_hash: str) -> TokenInfo | None:
+    """A hash the cache did not know: from the database, remembered (the ORM path)."""
     now = timezone.now()
     row = (
         ApiToken.objects.filter(key_hash=key_hash, expires_at__gt=now, user__is_active=True)
