@@ -35,6 +35,34 @@ def make_user(username: str, password: str = "password-123") -> tuple[Any, str]:
 amake_user = database_sync_to_async(make_user)
 
 
+def record_async_reads(monkeypatch: Any, record: Callable[[str], None]) -> None:
+    """Call `record(sql)` for each statement of the protocol process's async reads (`chat.reads_pg`)."""
+    from chat import reads_pg
+
+    original = reads_pg._rows
+
+    async def rows(sql: str, params: Any) -> Any:
+        record(sql)
+        return await original(sql, params)
+
+    monkeypatch.setattr(reads_pg, "_rows", rows)
+
+
+def record_statements(monkeypatch: Any, record: Callable[[str], None]) -> None:
+    """Call `record(sql)` for each statement of either read path: the ORM's cursors (on any
+    thread: HTTP, SQLite's handshakes) and the async reads on PostgreSQL."""
+    from django.db.backends.utils import CursorWrapper
+
+    original = CursorWrapper.execute
+
+    def execute(cursor: Any, sql: str, params: Any = None) -> Any:
+        record(sql)
+        return original(cursor, sql, params)
+
+    monkeypatch.setattr(CursorWrapper, "execute", execute)
+    record_async_reads(monkeypatch, record)
+
+
 class WsClient:
     """A real WebSocket client (the `websockets` library) speaking Parley's JSON frames."""
 

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import re
+from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
@@ -347,15 +348,22 @@ async def test_history_pages_backwards(worker):
     await a.close()
 
 
-async def test_typing_read_and_presence_reach_other_members(worker, monkeypatch):
-    monkeypatch.setattr(presence, "CONFIG", dataclasses.replace(presence.CONFIG, presence_grace_seconds=0.3))
+async def alice_then_bob_in_a_room() -> tuple[Any, Any, str, Room, Client, Client]:
+    """Alice joins her public group, then Bob: (alice, bob, bob's token, room, a, b)."""
     alice, alice_token = await amake_user("alice")
     bob, bob_token = await amake_user("bob")
     room = await database_sync_to_async(create_group)(alice, "team", False)
     a = await connect(alice_token)
     await a.join(room.pk)
     b = await connect(bob_token)
-    joined = await b.join(room.pk)
+    await b.join(room.pk)
+    return alice, bob, bob_token, room, a, b
+
+
+async def test_typing_read_and_presence_reach_other_members(worker, monkeypatch):
+    monkeypatch.setattr(presence, "CONFIG", dataclasses.replace(presence.CONFIG, presence_grace_seconds=0.3))
+    alice, bob, _, room, a, b = await alice_then_bob_in_a_room()
+    joined = next(f for f in b.frames if f["type"] == "joined")
     assert joined["online"] == [{"id": alice.pk, "username": "alice"}, {"id": bob.pk, "username": "bob"}]
     online = await a.expect("presence", status="online", user={"id": bob.pk, "username": "bob"})
     assert online["room"] == room.pk
@@ -380,13 +388,7 @@ async def test_typing_read_and_presence_reach_other_members(worker, monkeypatch)
 
 async def test_a_user_who_comes_back_within_the_grace_period_costs_the_room_no_presence_frame(monkeypatch):
     monkeypatch.setattr(presence, "CONFIG", dataclasses.replace(presence.CONFIG, presence_grace_seconds=0.5))
-    alice, alice_token = await amake_user("alice")
-    bob, bob_token = await amake_user("bob")
-    room = await database_sync_to_async(create_group)(alice, "team", False)
-    a = await connect(alice_token)
-    await a.join(room.pk)
-    b = await connect(bob_token)
-    await b.join(room.pk)
+    _, bob, bob_token, room, a, b = await alice_then_bob_in_a_room()
     await a.expect("presence", status="online")
     await b.close()  # a dropped connection (or a drained pod) ...
     b = await connect(bob_token)  # ... and the client back at once, resuming

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from channels.db import database_sync_to_async
 from channels.testing import HttpCommunicator
 
-from chat import consumers, contract, fanout, process, protocol, reads_pg, services
+from chat import consumers, contract, fanout, process, protocol, services
 from chat.models import Membership, Message
 from chat.presence import PRESENCE
 from chat.process import STATE
@@ -28,7 +28,7 @@ from chat.protocol import ProtocolError, parse
 from chat.services import create_group, open_dm, store_batch
 from parley import config, proxies
 from parley.asgi import application
-from tests.helpers import amake_user
+from tests.helpers import amake_user, record_statements
 from tests.test_protocol import Client, connect
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -286,31 +286,18 @@ class QueryCounter:
 
 
 async def test_resume_of_many_rooms_costs_a_fixed_number_of_queries(monkeypatch):
-    from django.db.backends.utils import CursorWrapper
-
     alice, token = await amake_user("alice")
     rooms = [await database_sync_to_async(create_group)(alice, f"r{n}", False) for n in range(40)]
-    counted = {"n": 0}
-    original, original_async = CursorWrapper.execute, reads_pg._rows
-
-    def execute(self, sql, params=None):
-        counted["n"] += 1
-        return original(self, sql, params)
-
-    async def rows(sql, params):
-        counted["n"] += 1
-        return await original_async(sql, params)
-
+    statements: list[str] = []
     a = await connect(token)
     # Both read paths: the ORM's (SQLite) and the async statements of `chat.reads_pg`.
-    monkeypatch.setattr(CursorWrapper, "execute", execute)
-    monkeypatch.setattr(reads_pg, "_rows", rows)
+    record_statements(monkeypatch, statements.append)
     await a.send({"type": "resume", "rooms": {str(r.pk): 0 for r in rooms}})
     for _ in rooms:
         await a.expect("resumed", timeout=10)
     monkeypatch.undo()
     # join_rooms (rooms, memberships), last seqs, one catch-up: not 3-5 per room as before.
-    assert 3 <= counted["n"] <= 8, counted
+    assert 3 <= len(statements) <= 8, statements
     await a.close()
 
 
