@@ -310,6 +310,12 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def settled_rss_kb(pid: int, args: argparse.Namespace) -> int:
+    """The process's RSS once what was just done has settled (--settle-seconds)."""
+    time.sleep(args.settle_seconds)
+    return rss_kb(pid)
+
+
 def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -580,16 +586,13 @@ def run_sockets(args: argparse.Namespace, srv: Server, fixtures: Path) -> dict[s
     deadline = time.monotonic() + args.client_timeout
     try:
         warm = read_event(proc, "warm", deadline, events) or {}
-        time.sleep(args.settle_seconds)
-        rss_base = rss_kb(pid)
+        rss_base = settled_rss_kb(pid, args)
         ready = next_phase(proc, "ready", deadline, events)
-        time.sleep(args.settle_seconds)
-        rss_joined = rss_kb(pid)
+        rss_joined = settled_rss_kb(pid, args)
         closed = next_phase(proc, "closed", deadline, events)
         disconnect_wait = wait_cpu_quiet(pid)
         resumed = next_phase(proc, "resumed", deadline, events)
-        time.sleep(args.settle_seconds)
-        rss_resumed = rss_kb(pid)
+        rss_resumed = settled_rss_kb(pid, args)
         alive = next_phase(proc, "alive", deadline, events)
         proc.wait(timeout=60)
     finally:
@@ -621,11 +624,9 @@ def run_idle(args: argparse.Namespace, srv: Server) -> dict[str, Any]:
     deadline = time.monotonic() + args.client_timeout
     try:
         warm = read_event(proc, "warm", deadline, events) or {}
-        time.sleep(args.settle_seconds)
-        base = rss_kb(pid)
+        base = settled_rss_kb(pid, args)
         ready = next_phase(proc, "ready", deadline, events)
-        time.sleep(args.settle_seconds)
-        loaded = rss_kb(pid)
+        loaded = settled_rss_kb(pid, args)
         alive = next_phase(proc, "alive", deadline, events)
         proc.wait(timeout=60)
     finally:

@@ -648,6 +648,19 @@ type phaseResult struct {
 	seconds float64
 }
 
+func (r phaseResult) rate() float64 { return float64(r.ok) / math.Max(r.seconds, 1e-9) }
+
+// into adds the phase's figures to m: <done> (how many succeeded), <prefix>_errors, _seconds,
+// _rate and _error_kinds, out of `attempted`.
+func (r phaseResult) into(m map[string]any, prefix, done string, attempted int) map[string]any {
+	m[done] = r.ok
+	m[prefix+"_errors"] = attempted - r.ok
+	m[prefix+"_seconds"] = round(r.seconds, 3)
+	m[prefix+"_rate"] = round(r.rate(), 1)
+	m[prefix+"_error_kinds"] = r.errs
+	return m
+}
+
 // runPhase runs fn for every client with at most `concurrency` in flight.
 func runPhase(clients []*client, concurrency int, fn func(*client) error) ([]*client, phaseResult) {
 	start := time.Now()
@@ -702,24 +715,13 @@ func (cfg *config) connectAll(clients []*client, join bool, label string) ([]*cl
 		go cfg.reader(c)
 		return nil
 	})
-	res := map[string]any{
-		"attempted":           len(clients),
-		"connected":           cr.ok,
-		"connect_errors":      len(clients) - cr.ok,
-		"connect_seconds":     round(cr.seconds, 3),
-		"connect_rate":        round(float64(cr.ok)/math.Max(cr.seconds, 1e-9), 1),
-		"connect_error_kinds": cr.errs,
-	}
-	logf("%s: %d/%d connected in %.1fs (%.0f/s)", label, cr.ok, len(clients), cr.seconds, float64(cr.ok)/math.Max(cr.seconds, 1e-9))
+	res := cr.into(map[string]any{"attempted": len(clients)}, "connect", "connected", len(clients))
+	logf("%s: %d/%d connected in %.1fs (%.0f/s)", label, cr.ok, len(clients), cr.seconds, cr.rate())
 	ready := connected
 	if join && cfg.proto == "parley" {
 		var jr phaseResult
 		ready, jr = runPhase(connected, cfg.concurrency, cfg.joinRoom)
-		res["joined"] = jr.ok
-		res["join_errors"] = len(connected) - jr.ok
-		res["join_seconds"] = round(jr.seconds, 3)
-		res["join_rate"] = round(float64(jr.ok)/math.Max(jr.seconds, 1e-9), 1)
-		res["join_error_kinds"] = jr.errs
+		jr.into(res, "join", "joined", len(connected))
 		logf("%s: %d/%d joined in %.1fs", label, jr.ok, len(connected), jr.seconds)
 	}
 	res["ready"] = len(ready)
@@ -1281,15 +1283,7 @@ func (cfg *config) socketPhases() {
 	emit(map[string]any{"event": "closed", "closed": len(ready), "close_seconds": round(time.Since(start).Seconds(), 3)})
 	in.Scan() // the server has handled the disconnects
 	resumed, rr := cfg.reconnectAll(ready)
-	emit(map[string]any{
-		"event":              "resumed",
-		"attempted":          len(ready),
-		"resumed":            rr.ok,
-		"resume_errors":      len(ready) - rr.ok,
-		"resume_seconds":     round(rr.seconds, 3),
-		"resume_rate":        round(float64(rr.ok)/math.Max(rr.seconds, 1e-9), 1),
-		"resume_error_kinds": rr.errs,
-	})
+	emit(rr.into(map[string]any{"event": "resumed", "attempted": len(ready)}, "resume", "resumed", len(ready)))
 	in.Scan() // the caller has measured the resumed sockets
 	emitAlive(append(warm, resumed...))
 }
