@@ -2,11 +2,11 @@
 
 A protocol process under a connect or resume storm asks the database the same kind of question
 for hundreds of sockets at once: whose token is this, may this user join that room, what is
-this room's last seq. Asked one socket at a time, each answer costs a statement's round trip
-and ~200 µs of the process's CPU in the driver (docs/benchmarks.md, "Connects, joins,
-resumes"); asked together, a batch costs about one. Batches form by themselves: the first
-question goes out at once, and the questions that arrive while `lanes` batches are out wait for
-the next one. A trickle costs no latency, a storm costs one statement per batch.
+this room's last seq. Asked one socket at a time, a join cost ~400 µs of the process's CPU in
+the driver; asked 50 together, 62 µs each (docs/benchmarks.md, issue 11's run). Batches form
+by themselves: the first question goes out at once, and the questions that arrive while
+`lanes` batches are out wait for the next one. A trickle costs no latency, a storm costs one
+statement per batch.
 """
 
 from __future__ import annotations

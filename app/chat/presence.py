@@ -14,7 +14,7 @@ TTL.
 
 So a user whose socket drops and comes back (a network blip, a drained pod whose clients
 reconnect elsewhere within the jittered delay) costs the room no frame at all, where it cost
-two per member: for 10,000 sockets in rooms of 20, 380,000 frames (docs/benchmarks.md).
+two per member: for 10,000 sockets in rooms of 20, 19 members times 2 frames each, 380,000.
 
 In a crowded room (PARLEY_PRESENCE_MAX users online or more) nothing is announced: each frame
 would go to every member. Its `joined` frames list PARLEY_PRESENCE_MAX users and give the count.

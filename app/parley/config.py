@@ -137,14 +137,15 @@ class Config:
     # path everywhere (the path before issue 11: a fallback, and the benchmarks' comparison).
     store: str = field(default_factory=lambda: _choice("PARLEY_STORE", "auto", ("auto", "orm")))
     # Connections each protocol process reads through on PostgreSQL (token lookups, joins,
-    # catch-ups; `chat.reads_pg`). Each read is one short statement, so a few connections keep
-    # up with a process's core: 4 connected and joined as fast as 8 on our machines
-    # (docs/benchmarks.md, "Connects, joins, resumes"). The database's budget is this times the
-    # protocol processes, plus PARLEY_STORE_CONNECTIONS times the workers.
+    # catch-ups; `chat.reads_pg`). Each kind of read has one statement in flight at a time
+    # (`chat.reads_pg.LANES`) carrying every socket's questions, and there are five kinds: 4
+    # connections rarely leave one waiting. The database's budget is this times the protocol
+    # processes, plus PARLEY_STORE_CONNECTIONS times the workers.
     protocol_db_connections: int = field(default_factory=lambda: max(1, _int("PARLEY_PROTOCOL_DB_CONNECTIONS", 4)))
     # Presence in crowded rooms. Each arrival is a frame to every member online, so a room's
     # reconnect storm costs members² frames: 400 for a room of 20, 4 million for a live event
-    # of 2,000 (docs/benchmarks.md, "Joins"). In a room with at least this many users online,
+    # of 2,000 (whose `joined` frames, listing everyone, also passed 64 KiB: make bench's big
+    # room, docs/benchmarks.md). In a room with at least this many users online,
     # arrivals and departures are not announced, and `joined` lists this many of them with
     # `online_count` for the rest. 100 keeps every team room's presence live.
     presence_max: int = field(default_factory=lambda: max(1, _int("PARLEY_PRESENCE_MAX", 100)))
