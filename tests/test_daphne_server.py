@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
+import selectors
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,13 +58,13 @@ async def test_a_second_concurrent_reader_is_refused():
     first.cancel()
 
 
-@pytest.fixture
-def lean_daphne(tmp_path: Path) -> Iterator[int]:
+@contextlib.contextmanager
+def running_lean_daphne(tmp_path: Path, *options: str) -> Iterator[int]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "app"), str(REPO)])}
     log = (tmp_path / "daphne.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "parley.daphne_server", "-b", "127.0.0.1", "-p", str(port),
+        [sys.executable, "-m", "parley.daphne_server", "-b", "127.0.0.1", "-p", str(port), *options,
          "tests.daphne_probe_app:app"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -70,6 +75,12 @@ def lean_daphne(tmp_path: Path) -> Iterator[int]:
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture
+def lean_daphne(tmp_path: Path) -> Iterator[int]:
+    with running_lean_daphne(tmp_path) as port:
+        yield port
 
 
 def live_objects(port: int) -> dict:
@@ -205,3 +216,52 @@ async def test_frames_larger_than_the_client_frame_limit_reach_the_client(lean_d
         await ws.send("flood:2,200000")
         frames = [await asyncio.wait_for(ws.recv(), 10) for _ in range(3)]
     assert [len(f) for f in frames[:2]] == [200002, 200002] and frames[2] == "flood done"
+
+
+def ping_times(sockets: list[socket.socket], seconds: float) -> list[list[float]]:
+    """When the server's pings reached each of these idle clients, over `seconds` (monotonic)."""
+    times: list[list[float]] = [[] for _ in sockets]
+    streams = [b""] * len(sockets)
+    with selectors.DefaultSelector() as selector:
+        for n, sock in enumerate(sockets):
+            selector.register(sock, selectors.EVENT_READ, n)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(left):
+                n = key.data
+                chunk = sockets[n].recv(4096)
+                assert chunk, "server closed the socket"
+                stream = streams[n] + chunk
+                while len(stream) >= 2 and len(stream) >= 2 + (stream[1] & 0x7F):  # short frames only
+                    if stream[0] & 0x0F == 0x9:  # ping
+                        times[n].append(time.monotonic())
+                    stream = stream[2 + (stream[1] & 0x7F):]
+                streams[n] = stream
+    return times
+
+
+@pytest.mark.slow
+async def test_sockets_opened_together_are_not_pinged_together(tmp_path):
+    # Stock Daphne pings every socket idle for --ping-interval in one pass: sockets that connect
+    # together (a deploy, a drained pod's clients) are pinged in one burst, a pause of the event
+    # loop that grows with them (docs/benchmarks.md). Here the first pings spread over the
+    # interval, and each socket is still pinged about once per interval.
+    interval, count, watch = 2, 30, 6.5
+    with running_lean_daphne(tmp_path, "--ping-interval", str(interval)) as port:
+        sockets = [await asyncio.to_thread(raw_websocket, port, "/ws/", None) for _ in range(count)]
+        opened = time.monotonic()
+        try:
+            pings = await asyncio.to_thread(ping_times, sockets, watch)
+        finally:
+            for sock in sockets:
+                sock.close()
+    assert all(pings), "an idle socket was never pinged"
+    firsts = sorted(times[0] - opened for times in pings)
+    # All within the first interval plus one timeout round (2 s), spread over most of it.
+    assert firsts[-1] <= interval + 2 + 0.5, firsts
+    assert firsts[-1] - firsts[0] >= interval / 2, firsts
+    # No burst: at most a few sockets' first pings within any 0.1 s.
+    assert max(sum(1 for t in firsts if start <= t < start + 0.1) for start in firsts) <= 8, firsts
+    for times in pings:
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+        assert all(interval - 0.2 <= gap <= interval + 2 + 0.5 for gap in gaps), gaps

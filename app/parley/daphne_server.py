@@ -15,6 +15,16 @@ for its whole life (tracemalloc on 2,000 idle sockets, `loadtest/bench.py` for t
 - Handshake-only data (the raw request, parsed headers, the response text, Daphne's header list)
   is dropped once the handshake is done.
 
+Keepalive pings, spread out: Daphne pings a socket that has been idle for `--ping-interval`
+(20 s), checking every connection in one pass every 2 s. Sockets that connect together (a
+deploy, a drained pod's clients, `make bench`'s 2,000) are then pinged together, and their pongs
+answered together: one burst of ~100 us per socket. At 2,000 sockets that stopped the event loop
+for 120-290 ms every 20 s, and failed `make bench` at 1,000 deliveries/s with the CPU at 25 %,
+Parley and the hub on stock Daphne alike (py-spy and a stall watchdog: `docs/benchmarks.md`). Here
+each socket's first ping comes at a random point of its first interval, and the timeout pass is
+cut into `TIMEOUT_SLICES` slices run one after another over the same 2 s: a burst is at most a
+few dozen sockets' pings wherever the sockets came from.
+
 Write backpressure: Twisted never blocks a write, it buffers. When a socket's kernel buffer and
 Twisted's 64 KB buffer are full, the transport pauses its producer; here that makes the ASGI
 `send()` wait until the client reads again, so the app's own bounded outbox (see
@@ -28,7 +38,9 @@ one fails the tests rather than a deployment.
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
+import time
 from collections import deque
 from functools import partial
 from typing import Any
@@ -56,6 +68,11 @@ HANDSHAKE_ONLY = (
 OVERFLOW_FACTOR = 4
 # WebSocket "policy violation": the client broke the rules (docs/protocol.md, close codes).
 CLOSE_FLOODING = 1008
+# Daphne checks every connection's timeouts and keepalive ping once per this many seconds.
+TIMEOUT_ROUND_SECONDS = 2.0
+# ...in this many slices, one every 0.1 s: with 10,000 sockets pinged every 20 s, a slice holds
+# ~25 due pings (a few ms of the loop) where one pass held them all.
+TIMEOUT_SLICES = 20
 
 
 class ApplicationInbox:
@@ -131,6 +148,9 @@ class LeanWebSocketProtocol(WebSocketProtocol):
 
     def onOpen(self) -> None:
         super().onOpen()
+        # The first keepalive ping at a random point of the first interval, not at the same
+        # instant for every socket that connected in the same second (module docstring).
+        self.last_ping = time.time() - random.random() * self.server.ping_interval
         self.request = OpenRequest(self.request.path)
         for name in HANDSHAKE_ONLY:
             self.__dict__.pop(name, None)
@@ -233,6 +253,19 @@ class LeanServer(Server):
         # before buffering more of a frame no valid client sends.
         self.websocket_max_message_size = CONFIG.ws_max_bytes
         self.websocket_max_frame_size = CONFIG.ws_max_bytes
+
+    _timeout_slice = 0
+
+    def timeout_checker(self) -> None:
+        """Daphne's timeout pass, one slice of the connections at a time (module docstring):
+        each connection is still checked once per `TIMEOUT_ROUND_SECONDS`."""
+        protocols = list(self.connections)
+        count, part = len(protocols), self._timeout_slice
+        for protocol in protocols[part * count // TIMEOUT_SLICES:(part + 1) * count // TIMEOUT_SLICES]:
+            protocol.check_timeouts()
+        self._timeout_slice = (part + 1) % TIMEOUT_SLICES
+        # Daphne's reactor (importing twisted's here could install the default one first).
+        daphne.server.reactor.callLater(TIMEOUT_ROUND_SECONDS / TIMEOUT_SLICES, self.timeout_checker)
 
     def run(self) -> None:
         # Daphne builds its WebSocket factory inside run(), by the module-level name.
