@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import selectors
 import socket
 import subprocess
@@ -177,6 +178,26 @@ def test_autobahn_still_formats_its_options_per_connection_through_the_name_we_r
         autobahn_protocol.pformat = original
 
 
+def test_autobahn_still_highlights_through_the_names_we_replace():
+    """`skip_log_highlighting` replaces `hltype`/`hlval` in the modules that call them per frame:
+    if an upgrade calls them elsewhere, or not at all, the patch should follow."""
+    import inspect
+
+    from parley.daphne_server import HIGHLIGHTING_MODULES, skip_log_highlighting
+
+    protocol, twisted = HIGHLIGHTING_MODULES
+    assert "hltype(self.sendData)" in inspect.getsource(protocol.WebSocketProtocol.sendData)
+    assert "hlval(len(data))" in inspect.getsource(twisted.WebSocketAdapterProtocol.dataReceived)
+    originals = [(module, module.hltype, module.hlval) for module in HIGHLIGHTING_MODULES]
+    try:
+        skip_log_highlighting()
+        for module in HIGHLIGHTING_MODULES:
+            assert module.hlval(42) == 42 and module.hltype(len) is len
+    finally:
+        for module, hltype, hlval in originals:
+            module.hltype, module.hlval = hltype, hlval
+
+
 async def test_frames_go_out_at_once_when_the_server_can_and_in_order_when_it_cannot():
     """The consumer writes through the server's `write_now` while nothing waits, and falls back
     to its outbox (and stays there until it is written out) as soon as the server says no."""
@@ -265,3 +286,15 @@ async def test_sockets_opened_together_are_not_pinged_together(tmp_path):
     for times in pings:
         gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
         assert all(interval - 0.2 <= gap <= interval + 2 + 0.5 for gap in gaps), gaps
+
+
+@pytest.mark.slow
+async def test_the_access_log_has_one_line_per_socket_event_in_daphnes_format(tmp_path):
+    with running_lean_daphne(tmp_path) as port:
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws/") as ws:
+            await ws.send("hi")
+            assert await asyncio.wait_for(ws.recv(), 5) == "hi"
+        await asyncio.sleep(0.5)  # the server logs the disconnect
+    lines = [line for line in (tmp_path / "daphne.log").read_text().splitlines() if '"WS' in line]
+    entry = re.compile(r'^127\.0\.0\.1:\d+ - - \[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d\] "(\w+) /ws/" - -$')
+    assert [entry.match(line).group(1) for line in lines] == ["WSCONNECT", "WSDISCONNECT"], lines
