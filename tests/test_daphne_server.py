@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import websockets
@@ -298,3 +299,55 @@ async def test_the_access_log_has_one_line_per_socket_event_in_daphnes_format(tm
     lines = [line for line in (tmp_path / "daphne.log").read_text().splitlines() if '"WS' in line]
     entry = re.compile(r'^127\.0\.0\.1:\d+ - - \[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d\] "(\w+) /ws/" - -$')
     assert [entry.match(line).group(1) for line in lines] == ["WSCONNECT", "WSDISCONNECT"], lines
+
+
+@pytest.fixture
+def tcp_transport() -> Iterator[tuple[Any, socket.socket]]:
+    """A real Twisted TCP transport on one end of a socket pair, under a reactor that never runs:
+    whatever reaches the other end was sent at once, not by the reactor's write pass."""
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.tcp import Server
+    from twisted.internet.testing import MemoryReactor
+
+    class Port:
+        _realPortNumber = 0
+
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    yield Server(ours, Protocol(), ("127.0.0.1", 1), Port(), 1, MemoryReactor()), peer
+    ours.close()
+    peer.close()
+
+
+def test_a_frame_to_a_socket_with_nothing_buffered_is_sent_at_once(tcp_transport):
+    from parley.daphne_server import send_at_once
+
+    transport, peer = tcp_transport
+    assert send_at_once(transport, b"first frame")
+    assert peer.recv(100) == b"first frame"
+    assert transport._tempDataLen == 0 and not transport.dataBuffer
+
+
+def test_what_the_kernel_does_not_take_is_buffered_and_later_frames_queue_behind_it(tcp_transport):
+    from parley.daphne_server import send_at_once
+
+    transport, peer = tcp_transport
+    big = bytes(range(256)) * 40_000  # 10 MB: more than a socket pair's buffers hold
+    assert send_at_once(transport, big)
+    assert transport._tempDataLen > 0  # the rest waits in Twisted's buffer...
+    assert not send_at_once(transport, b"later")  # ...and a later frame may not overtake it
+    transport.write(b"later")
+    received = b""
+    peer.settimeout(5)
+    while len(received) < len(big) + 5:
+        transport.doWrite()  # the reactor's write pass, by hand
+        received += peer.recv(1 << 20)
+    assert received == big + b"later"
+
+
+def test_a_closing_transport_is_left_to_twisted(tcp_transport):
+    from parley.daphne_server import send_at_once
+
+    transport, _peer = tcp_transport
+    transport.disconnecting = True
+    assert not send_at_once(transport, b"frame")
