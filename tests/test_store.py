@@ -127,3 +127,34 @@ def test_a_value_the_database_refuses_costs_only_its_own_message(store_batch):
     assert list(Message.objects.filter(room=room).order_by("seq").values_list("body", flat=True)) == [
         "fine", "fine too",
     ]
+
+
+def test_workers_storing_the_same_retries_at_once_store_each_message_once_without_gaps():
+    # Senders retry with the same client_msg_id, and a retry may reach another worker while the
+    # first copy is being stored: whichever store loses the race on the unique key plans its
+    # batch again and answers `duplicate` with the winner's seq; no seq is spent on a loser.
+    if connection.vendor != "postgresql":
+        pytest.skip("the async store path is PostgreSQL's")
+    from chat.store_pg import PgStore, conninfo_from_django
+
+    alice, _ = make_user("alice")
+    room = create_group(alice, "busy", False)
+    batch = [item(room.pk, alice.pk, f"m{n}") for n in range(3)]
+
+    async def race() -> list[list[services.Outcome]]:
+        stores = [PgStore(conninfo_from_django()) for _ in range(5)]
+        try:
+            for store in stores:  # connected first, so that their reads and writes overlap
+                await store._connection()
+            return await asyncio.gather(*(store.store_batch(batch) for store in stores))
+        finally:
+            for store in stores:
+                await store.close()
+
+    answers = asyncio.run(race())
+    for n in range(3):
+        assert {(answer[n].room, answer[n].seq) for answer in answers} == {(room.pk, n + 1)}
+        assert sorted(answer[n].status for answer in answers) == ["duplicate"] * 4 + ["stored"]
+    room.refresh_from_db()
+    assert room.last_seq == 3
+    assert Message.objects.filter(room=room).count() == 3

@@ -3,14 +3,23 @@
 The ORM path (`chat.services.store_batch`) runs in asgiref's database thread: every batch is a
 thread hop, and the GIL hand-off between the event loop and that thread cost the worker about
 two thirds of its core (issue 11: ~2,700 futex calls/s at 1,000 messages/s). Here a batch is
-four set-based statements on a connection of the loop's own, whatever its size or its number
-of rooms, sent in pipeline mode (three round trips with BEGIN and COMMIT):
+two set-based statements on a connection of the loop's own, whatever its size or its number of
+rooms:
 
-1. the messages already stored under the batch's `(sender, client_msg_id)` keys (retries);
-2. which senders are active members of the rooms they write to, with their usernames;
-3. the batch's rooms locked in id order (so that concurrent workers cannot deadlock) and their
-   seqs reserved, one UPDATE for every room (`last_seq + n ... RETURNING`);
-4. the rows inserted from arrays (`INSERT ... SELECT FROM unnest(...)`).
+1. what the batch needs to know, in one read: the messages already stored under its
+   `(sender, client_msg_id)` keys (retries), and which senders are active members of the rooms
+   they write to, with their usernames;
+2. the write, in one statement (so one transaction, in autocommit): the batch's rooms locked in
+   id order (so that concurrent workers cannot deadlock), their seqs reserved with one UPDATE
+   (`last_seq + n ... RETURNING`), and the rows inserted from arrays (`INSERT ... SELECT FROM
+   unnest(...)`) with seqs counted back from what the UPDATE returned.
+
+Why two and not the six of a pipelined transaction (BEGIN, two reads, reserve, insert, COMMIT):
+a statement costs psycopg ~170-250 us of CPU here whatever it carries (`SELECT 1` included), so
+a batch of one message cost the worker 2.2 ms, and a worker at 400 messages/s in batches of a
+few spent a third of a core on it (`docs/benchmarks.md`). A read outside the write's
+transaction changes nothing the transaction protected: a retry stored by another worker in
+between still fails the insert on the unique key, and the batch is planned again.
 
 What each item becomes is decided by `chat.batch_plan`, the same rules as the ORM path.
 Failures follow `services.store_batch`'s contract: a broken or unreachable database fails the
@@ -49,33 +58,41 @@ def _sql() -> dict[str, str]:
     message, room = Message._meta.db_table, Room._meta.db_table
     membership, user, bot = Membership._meta.db_table, get_user_model()._meta.db_table, Bot._meta.db_table
     return {
-        "existing": (
-            f"SELECT m.room_id, m.seq, m.sender_id, u.username, m.body, m.kind, m.created_at, m.client_msg_id "
-            f"FROM unnest(%s::bigint[], %s::text[]) AS k(sender_id, client_msg_id) "
+        # One read: the stored messages under the batch's keys ('e' rows), then the (room, user)
+        # pairs of active members among its senders and rooms, with usernames ('m' rows).
+        "facts": (
+            f"SELECT 'e', m.room_id, m.seq, m.sender_id, u.username, m.body, m.kind, m.created_at, m.client_msg_id "
+            f"FROM unnest(%(senders)s::bigint[], %(client_ids)s::text[]) AS k(sender_id, client_msg_id) "
             f"JOIN {message} m ON m.sender_id = k.sender_id AND m.client_msg_id = k.client_msg_id "
-            f"LEFT JOIN {user} u ON u.id = m.sender_id"
-        ),
-        # Members only, and only active users: a deactivated account's queued sends are refused.
-        "members": (
-            f"SELECT mb.room_id, mb.user_id, u.username "
-            f"FROM (SELECT DISTINCT room_id, user_id FROM unnest(%s::bigint[], %s::bigint[]) AS p(room_id, user_id)) k "
+            f"LEFT JOIN {user} u ON u.id = m.sender_id "
+            f"UNION ALL "
+            f"SELECT 'm', mb.room_id, NULL::integer, mb.user_id, u.username, NULL::text, NULL::text, "
+            f"NULL::timestamptz, NULL::text "
+            f"FROM (SELECT DISTINCT room_id, user_id FROM unnest(%(rooms)s::bigint[], %(senders)s::bigint[]) "
+            f"AS p(room_id, user_id)) k "
             f"JOIN {membership} mb ON mb.room_id = k.room_id AND mb.user_id = k.user_id "
             f"JOIN {user} u ON u.id = mb.user_id AND u.is_active"
         ),
-        # The rooms' rows are locked in id order (the sorted FOR UPDATE subquery locks each row
-        # as the sort hands it out) before the UPDATE writes them, whatever order its plan
-        # reads them in: two workers with overlapping rooms wait for each other, never deadlock.
-        "reserve": (
-            f"UPDATE {room} r SET last_seq = r.last_seq + c.n "
-            f"FROM (SELECT id FROM {room} WHERE id = ANY(%s::bigint[]) ORDER BY id FOR UPDATE) l "
-            f"JOIN unnest(%s::bigint[], %s::bigint[]) AS c(id, n) ON c.id = l.id WHERE r.id = l.id "
-            f"RETURNING r.id, r.last_seq, r.kind, r.bot_id, (SELECT b.user_id FROM {bot} b WHERE b.id = r.bot_id)"
-        ),
-        "insert": (
-            f"INSERT INTO {message} (room_id, seq, sender_id, body, kind, client_msg_id, created_at) "
-            f"SELECT room_id, seq, sender_id, body, kind, client_msg_id, %s::timestamptz "
-            f"FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[]) "
-            f"AS v(room_id, seq, sender_id, body, kind, client_msg_id)"
+        # One write. The rooms' rows are locked in id order (the sorted FOR UPDATE subquery locks
+        # each row as the sort hands it out) before the UPDATE writes them, whatever order its
+        # plan reads them in: two workers with overlapping rooms wait for each other, never
+        # deadlock. A room's rows take the seqs `last_seq - n + 1 .. last_seq` of the UPDATE's
+        # new `last_seq`, in the order of their `pos` (1..n within the room); a room gone since
+        # the read has no reservation, and its rows are not inserted.
+        "store": (
+            f"WITH counts AS (SELECT * FROM unnest(%(ids)s::bigint[], %(ns)s::bigint[]) AS c(id, n)), "
+            f"reserved AS (UPDATE {room} r SET last_seq = r.last_seq + c.n "
+            f"FROM (SELECT id FROM {room} WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id FOR UPDATE) l "
+            f"JOIN counts c ON c.id = l.id WHERE r.id = l.id "
+            f"RETURNING r.id, r.last_seq, r.kind, r.bot_id, "
+            f"(SELECT b.user_id FROM {bot} b WHERE b.id = r.bot_id) AS bot_user, c.n), "
+            f"inserted AS (INSERT INTO {message} (room_id, seq, sender_id, body, kind, client_msg_id, created_at) "
+            f"SELECT v.room_id, r.last_seq - r.n + v.pos, v.sender_id, v.body, v.kind, v.client_msg_id, "
+            f"%(created_at)s::timestamptz "
+            f"FROM unnest(%(rooms)s::bigint[], %(pos)s::bigint[], %(senders)s::bigint[], %(bodies)s::text[], "
+            f"%(kinds)s::text[], %(client_ids)s::text[]) AS v(room_id, pos, sender_id, body, kind, client_msg_id) "
+            f"JOIN reserved r ON r.id = v.room_id) "
+            f"SELECT id, last_seq, kind, bot_id, bot_user FROM reserved"
         ),
         "rooms_exist": f"SELECT id FROM {room} WHERE id = ANY(%s::bigint[])",
         "stored_by_another": (
@@ -170,43 +187,43 @@ class PgStore:
         return batch_plan.stored_by_another(item, await cursor.fetchone())
 
     async def _store(self, conn: psycopg.AsyncConnection[Any], items: list[dict[str, Any]]) -> list[Outcome]:
-        # Pipeline mode: statements go out without waiting for the previous answer, and a batch
-        # costs three round trips (BEGIN + reads, the seqs, the insert + COMMIT), not seven.
         sql = _sql()
         senders, client_ids = batch_plan.keys_of(items)
-        rooms = [item["room"] for item in items]
-        async with conn.pipeline(), conn.transaction():
-            found_cursor = await conn.execute(sql["existing"], (senders, client_ids))
-            members_cursor = await conn.execute(sql["members"], (rooms, senders))
-            found = map(StoredMessage._make, await found_cursor.fetchall())
-            existing = {(row.sender, row.client_msg_id): row for row in found}
-            members: set[tuple[int, int]] = set()
-            usernames: dict[int, str] = {}
-            for room, user, username in await members_cursor.fetchall():
+        cursor = await conn.execute(sql["facts"], {
+            "senders": senders, "client_ids": client_ids, "rooms": [item["room"] for item in items],
+        })
+        existing: dict[tuple[int, str], StoredMessage] = {}
+        members: set[tuple[int, int]] = set()
+        usernames: dict[int, str] = {}
+        for tag, *row in await cursor.fetchall():
+            if tag == "e":
+                found = StoredMessage._make(row)
+                existing[(found.sender, found.client_msg_id)] = found
+            else:
+                room, _seq, user, username = row[:4]
                 members.add((room, user))
                 usernames[user] = username
 
-            plan = batch_plan.plan_batch(items, existing, members)
-            reserved: dict[int, Reserved] = {}
-            counts = plan.counts()
-            exist_cursor = None
-            if plan.refused:
-                refused_rooms = list({items[i]["room"] for i in plan.refused})
-                exist_cursor = await conn.execute(sql["rooms_exist"], (refused_rooms,))
-            if counts:
-                ids = [room for room, _ in counts]
-                reserve_cursor = await conn.execute(sql["reserve"], (ids, ids, [n for _, n in counts]))
-                for room, last, kind, bot, bot_user in await reserve_cursor.fetchall():
-                    reserved[room] = Reserved(int(last), kind, bot, bot_user)
-            created_at = datetime.now(UTC)
-            new = plan.new_messages(reserved, created_at, usernames)
-            if new:
-                rows = [m for _, m in new]
-                await conn.execute(sql["insert"], (
-                    created_at, [m.room for m in rows], [m.seq for m in rows], [m.sender for m in rows],
-                    [m.body for m in rows], [m.kind for m in rows], [m.client_msg_id for m in rows],
-                ))
-            rooms_that_exist: set[int] = set()
-            if exist_cursor is not None:
-                rooms_that_exist = {row[0] for row in await exist_cursor.fetchall()}
+        plan = batch_plan.plan_batch(items, existing, members)
+        reserved: dict[int, Reserved] = {}
+        created_at = datetime.now(UTC)
+        counts = plan.counts()
+        if counts:
+            rows = [(room, pos, items[index]) for room, _ in counts
+                    for pos, index in enumerate(plan.per_room[room], start=1)]
+            cursor = await conn.execute(sql["store"], {
+                "ids": [room for room, _ in counts], "ns": [n for _, n in counts], "created_at": created_at,
+                "rooms": [room for room, _, _ in rows], "pos": [pos for _, pos, _ in rows],
+                "senders": [item["sender"] for _, _, item in rows], "bodies": [item["body"] for _, _, item in rows],
+                "kinds": [item.get("kind", batch_plan.TEXT_MESSAGE) for _, _, item in rows],
+                "client_ids": [item["client_msg_id"] for _, _, item in rows],
+            })
+            for room, last, kind, bot, bot_user in await cursor.fetchall():
+                reserved[room] = Reserved(int(last), kind, bot, bot_user)
+        # The rows the statement inserted, with the same seqs (rooms without a reservation: refused).
+        new = plan.new_messages(reserved, created_at, usernames)
+        rooms_that_exist: set[int] = set()
+        if plan.refused:
+            cursor = await conn.execute(sql["rooms_exist"], (list({items[i]["room"] for i in plan.refused}),))
+            rooms_that_exist = {row[0] for row in await cursor.fetchall()}
         return plan.finish(new, reserved, rooms_that_exist)
