@@ -99,3 +99,58 @@ async def test_room_fanout_works_across_two_shards(two_shards, monkeypatch):
         await asyncio.sleep(0.02)
     assert sorted(member.got) == sorted((room, 1, f'{{"room":{room}}}') for room in rooms)
     await bus.close()
+
+
+async def _subscribed(url: str, topics: list[str]):
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(*topics)
+    for _ in topics:  # the subscribe confirmations
+        await pubsub.get_message(timeout=2)
+    return client, pubsub
+
+
+async def _received(pubsub, count: int) -> list[tuple[str, str]]:
+    got: list[tuple[str, str]] = []
+    for _ in range(200):
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+        if message is not None:
+            got.append((message["channel"].decode(), message["data"].decode()))
+        if len(got) == count:
+            break
+    return got
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+async def test_a_batchs_frames_are_published_before_its_acks_on_one_shard_or_several(two_shards, monkeypatch, shards):
+    from chat import contract, fanout, redis_pool
+
+    urls = two_shards[:shards]
+    monkeypatch.setattr(redis_pool, "shard_urls", lambda: urls)
+    monkeypatch.setattr(fanout, "shard_urls", lambda: urls)
+    rooms = list(range(1, 7))
+    pids = [f"proc-{n}" for n in range(4)]
+    topics = [contract.room_topic(r) for r in rooms] + [contract.process_topic(p) for p in pids]
+    by_shard = {n: [t for t in topics if shard_index(urls, t) == n] for n in range(shards)}
+    if shards == 2:
+        assert all(by_shard.values()), "the topics should fall on both shards"
+    subscribers = [await _subscribed(urls[n], mine) for n, mine in by_shard.items()]
+    try:
+        await fanout.publish_then_reply(
+            [(room, 1, f'{{"room":{room}}}') for room in rooms],
+            [(f"{pid}|{n}", f'{{"ack":{n}}}') for n, pid in enumerate(pids)],
+        )
+        seen = [await _received(pubsub, len(by_shard[n])) for n, (_, pubsub) in enumerate(subscribers)]
+    finally:
+        for client, pubsub in subscribers:
+            await pubsub.aclose()
+            await client.aclose()
+    everything = [message for got in seen for message in got]
+    assert sorted(name for name, _ in everything) == sorted(topics)
+    assert (contract.room_topic(3), contract.encode_room_payload(1, '{"room":3}')) in everything
+    assert (contract.process_topic("proc-2"), contract.encode_reply_payload([("2", '{"ack":2}')])) in everything
+    if shards == 1:  # one connection sees them in the order they were sent: frames, then acks
+        kinds = [name.startswith(contract.room_topic_prefix()) for name, _ in seen[0]]
+        assert kinds == [True] * len(rooms) + [False] * len(pids)

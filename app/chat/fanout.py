@@ -64,13 +64,34 @@ class Member(Protocol):
 
 async def publish_replies(replies: Iterable[tuple[str, str]]) -> None:
     """Send `(reply address, frame JSON)` pairs to their processes, one round trip per shard."""
+    await _publish_by_shard(_reply_messages(replies))
+
+
+def _reply_messages(replies: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     by_process: dict[str, list[tuple[str | int, str]]] = {}
     for address, frame_json in replies:
         pid, key = contract.split_reply_address(address)
         by_process.setdefault(pid, []).append((key, frame_json))
-    await _publish_by_shard([
-        (contract.process_topic(pid), contract.encode_reply_payload(mine)) for pid, mine in by_process.items()
-    ])
+    return [(contract.process_topic(pid), contract.encode_reply_payload(mine)) for pid, mine in by_process.items()]
+
+
+def _room_messages(items: Iterable[tuple[int, int | None, str]]) -> list[tuple[str, str]]:
+    return [(contract.room_topic(room), contract.encode_room_payload(seq, frame_json))
+            for room, seq, frame_json in items]
+
+
+async def publish_then_reply(items: list[tuple[int, int | None, str]], replies: list[tuple[str, str]]) -> None:
+    """A stored batch's frames to its rooms, then its acks to the senders' processes: a sender who
+    sees its ack can count on its room having been sent the message. On one shard, one pipeline
+    in that order (Redis runs a connection's commands in order), not two round trips: the second
+    was ~40 % of the worker's Redis time (py-spy). Over shards, rooms first, then acks."""
+    rooms, acks = _room_messages(items), _reply_messages(replies)
+    urls = shard_urls()
+    if len({shard_index(urls, name) for name, _ in rooms + acks}) <= 1:
+        await _publish_by_shard(rooms + acks)
+        return
+    await _publish_by_shard(rooms)
+    await _publish_by_shard(acks)
 
 
 async def publish(room: int, seq: int | None, frame_json: str) -> None:
@@ -81,9 +102,7 @@ async def publish(room: int, seq: int | None, frame_json: str) -> None:
 
 async def publish_many(items: Iterable[tuple[int, int | None, str]]) -> None:
     """Publish several frames with one round trip per shard, in the order given."""
-    await _publish_by_shard([
-        (contract.room_topic(room), contract.encode_room_payload(seq, frame_json)) for room, seq, frame_json in items
-    ])
+    await _publish_by_shard(_room_messages(items))
 
 
 async def _publish_by_shard(messages: list[tuple[str, str]]) -> None:

@@ -124,11 +124,8 @@ async def store_and_deliver(items: list[dict[str, Any]], store: Store) -> None:
                 bot_jobs.append(outcome.bot_job)
         elif item.get("reply_to"):
             replies.append(_error(item, outcome.code, outcome.message))
-    # Publish before acking: a sender who sees its ack can count on members having been sent it.
-    if publish:
-        await fanout.publish_many(publish)
-    if replies:
-        await fanout.publish_replies(replies)
+    # Published before acked: a sender who sees its ack can count on members having been sent it.
+    await fanout.publish_then_reply(publish, replies)
     for job in bot_jobs:
         await send_with_retry(layer, BOT_CHANNEL, job)
 
