@@ -8,14 +8,9 @@ promise of order:
 - a room is in at most one batch in flight: its next messages wait until that batch is stored,
   published and acked, then go in the next batch, in the order they arrived. Seqs therefore
   follow arrival, and a sender's acks come in the order it sent;
-- at a trickle there is one batch in flight, and what arrives meanwhile waits for it (up to
-  `TRICKLE_HOLD_SECONDS`) to go out as the next batch, whole. A batch costs the same few
-  statements and round trips whatever its size: with a batch per arrival on every idle store,
-  a worker at 400 messages/s stored batches of one or two at ~2 ms of CPU each (py-spy, issue
-  11), a third of a core taken from the protocol process beside it. A backlog is split over
-  the idle stores by room, so a batch that touches every room does not leave the other stores
-  idle behind it; and a batch in flight for longer than the hold (a lock wait, a slow disk)
-  does not hold up the rooms that are not in it.
+- at a trickle there is one batch in flight with everything that is waiting, so a quiet worker
+  pays for one batch per receive, not one per store. A backlog is split over the idle stores by
+  room, so a batch that touches every room does not leave the other stores idle behind it.
 
 Backpressure: `add_many` returns only once fewer than a batch's worth of requests wait for a
 store. The worker then stops pulling from Redis, so the queue depth the operator measures is
@@ -32,10 +27,6 @@ from typing import Any, Generic, TypeVar
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
-# How long a trickle waits for the batch in flight before it goes out on another store anyway.
-# Longer than a healthy batch (3 round trips, 5-15 ms here at 1,000 messages/s) so that the
-# trickle rides the next batch, short enough to bound what a slow batch costs other rooms.
-TRICKLE_HOLD_SECONDS = 0.02
 Item = dict[str, Any]
 
 
@@ -68,10 +59,6 @@ class Batcher(Generic[S]):
         self.in_flight: set[asyncio.Task[None]] = set()
         self.room_for_more = asyncio.Event()
         self.room_for_more.set()
-        # When each batch in flight went out (loop time), and the timer that ends a trickle's
-        # wait for the oldest.
-        self.started: dict[asyncio.Task[None], float] = {}
-        self.hold_timer: asyncio.TimerHandle | None = None
 
     async def add(self, item: Item) -> None:
         await self.add_many([item])
@@ -88,8 +75,6 @@ class Batcher(Generic[S]):
             eligible = sum(1 for item in self.pending if room_of(item) not in self.busy)
             if not eligible:
                 break  # everything waiting belongs to rooms in flight
-            if self.in_flight and eligible < self.split_at and self._hold_trickle():
-                break
             # A trickle goes out as one batch; a backlog is split over the idle stores by room
             # (all of a room's messages in one part), each part at most a batch.
             parts = min(len(self.idle), -(-eligible // self.split_at))
@@ -113,25 +98,9 @@ class Batcher(Generic[S]):
                     continue
                 self.busy |= its_rooms
                 task = asyncio.get_running_loop().create_task(self._store(self.idle.pop(), batch, its_rooms))
-                self.started[task] = asyncio.get_running_loop().time()
                 self.in_flight.add(task)
         if len(self.pending) < self.batch_max:
             self.room_for_more.set()
-
-    def _hold_trickle(self) -> bool:
-        """Whether a trickle should wait for the batch in flight (module docstring); if so, a
-        timer sends it out when the hold ends, should that batch still be in flight."""
-        loop = asyncio.get_running_loop()
-        ends = min(self.started.values(), default=0.0) + TRICKLE_HOLD_SECONDS
-        if loop.time() >= ends:
-            return False
-        if self.hold_timer is None:
-            self.hold_timer = loop.call_at(ends, self._hold_ended)
-        return True
-
-    def _hold_ended(self) -> None:
-        self.hold_timer = None
-        self._dispatch()
 
     async def _store(self, store: S, batch: list[Item], rooms: set[Any]) -> None:
         try:
@@ -146,7 +115,6 @@ class Batcher(Generic[S]):
             task = asyncio.current_task()
             if task is not None:
                 self.in_flight.discard(task)  # type: ignore[arg-type]
-                self.started.pop(task, None)  # type: ignore[call-overload]
             self._dispatch()
 
     async def flush(self) -> None:
