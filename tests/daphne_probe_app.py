@@ -33,6 +33,7 @@ def live_objects() -> dict[str, Any]:
         "open_sample": sample is not None,
         "options_in_instance": sorted(held & set(LeanWebSocketProtocol.CONFIG_ATTRS)),
         "handshake_data_in_instance": sorted(held & set(HANDSHAKE_ONLY)),
+        "send_queue_in_instance": "send_queue" in held,
         "producer_is_protocol": sample is not None and sample.transport.producer is sample,
         "flood_sent": FLOOD["sent"],
         # Objects in reference cycles nothing else held: what only the collector would free.

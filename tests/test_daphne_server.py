@@ -110,6 +110,7 @@ async def test_an_open_socket_keeps_no_upgrade_request_objects(lean_daphne):
         assert report["open_sample"]
         assert report["options_in_instance"] == []
         assert report["handshake_data_in_instance"] == []
+        assert report["send_queue_in_instance"] is False
         assert report["producer_is_protocol"] is True, report
         # The sockets still work after the clean-up, both ways, and close cleanly.
         await sockets[0].send("still here")
@@ -370,3 +371,22 @@ def test_a_closing_transport_is_left_to_twisted(tcp_transport):
     transport, _peer = tcp_transport
     transport.disconnecting = True
     assert not send_at_once(transport, b"frame")
+
+
+def test_a_sync_send_still_goes_through_autobahns_queue_in_order(tcp_transport):
+    """The queue is made again for the sends that need it (chopped, `sync`), and frames keep
+    their order behind it."""
+    from parley.daphne_server import LeanWebSocketProtocol
+
+    transport, _peer = tcp_transport
+    protocol = LeanWebSocketProtocol()
+    protocol.transport = transport
+    protocol.state = protocol.STATE_OPEN
+    protocol.trafficStats = type("Stats", (), {"outgoingOctetsWireLevel": 0})()
+    protocol.logOctets = False
+    protocol._trigger = lambda: None  # autobahn's sender of the queue, which needs a reactor
+    assert "send_queue" not in vars(protocol) and not protocol.send_queue
+    protocol.sendData(b"queued ", sync=True)
+    assert list(protocol.send_queue) == [(b"queued ", True)]
+    protocol.sendData(b"after")  # a later frame may not overtake the queued one
+    assert list(protocol.send_queue) == [(b"queued ", True), (b"after", False)]

@@ -154,6 +154,9 @@ class LeanWebSocketProtocol(WebSocketProtocol):
     # Class defaults: an attribute set on every instance costs a dict slot per connection.
     write_paused = False
     _writable: asyncio.Future[None] | None = None
+    # autobahn's queue of chopped and `sync` sends, which Daphne never makes: an empty deque is
+    # 760 bytes, on every open socket. It is made again when such a send comes (`sendData`).
+    send_queue: Any = ()
 
     def onOpen(self) -> None:
         super().onOpen()
@@ -163,6 +166,8 @@ class LeanWebSocketProtocol(WebSocketProtocol):
         self.request = OpenRequest(self.request.path)
         for name in HANDSHAKE_ONLY:
             self.__dict__.pop(name, None)
+        if not self.send_queue:
+            del self.send_queue  # the class's empty tuple stands in (see the class attribute)
         self._adopt_transport()
         # A dict never shrinks when keys are removed; a copy is sized for what is left.
         self.__dict__ = dict(self.__dict__)
@@ -213,6 +218,8 @@ class LeanWebSocketProtocol(WebSocketProtocol):
         """autobahn's sendData, with the bytes sent at once when nothing waits before them
         (module docstring). Queued and chopped sends keep autobahn's path."""
         if sync or chopsize or self.send_queue:
+            if not self.send_queue:
+                self.send_queue = deque()
             return super().sendData(data, sync, chopsize)
         transport = self.transport
         if not send_at_once(transport, data):
