@@ -374,7 +374,9 @@ class LeanServer(Server):
 
     def timeout_checker(self) -> None:
         """Daphne's timeout pass, one slice of the connections at a time (module docstring):
-        each connection is still checked once per `TIMEOUT_ROUND_SECONDS`."""
+        each connection is still checked about once per `TIMEOUT_ROUND_SECONDS` (connections
+        that come and go shift the slices, so one may wait a round more: a ping or a timeout
+        2 s late)."""
         protocols = list(self.connections)
         count, part = len(protocols), self._timeout_slice
         for protocol in protocols[part * count // TIMEOUT_SLICES:(part + 1) * count // TIMEOUT_SLICES]:
