@@ -86,8 +86,7 @@ async def publish_then_reply(items: list[tuple[int, int | None, str]], replies: 
     in that order (Redis runs a connection's commands in order), not two round trips: the second
     was ~40 % of the worker's Redis time (py-spy). Over shards, rooms first, then acks."""
     rooms, acks = _room_messages(items), _reply_messages(replies)
-    urls = shard_urls()
-    if len({shard_index(urls, name) for name, _ in rooms + acks}) <= 1:
+    if len(shard_urls()) == 1:
         await _publish_by_shard(rooms + acks)
         return
     await _publish_by_shard(rooms)

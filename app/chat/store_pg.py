@@ -60,6 +60,7 @@ def _sql() -> dict[str, str]:
     return {
         # One read: the stored messages under the batch's keys ('e' rows), then the (room, user)
         # pairs of active members among its senders and rooms, with usernames ('m' rows).
+        # Members only, and only active users: a deactivated account's queued sends are refused.
         "facts": (
             f"SELECT 'e', m.room_id, m.seq, m.sender_id, u.username, m.body, m.kind, m.created_at, m.client_msg_id "
             f"FROM unnest(%(senders)s::bigint[], %(client_ids)s::text[]) AS k(sender_id, client_msg_id) "
