@@ -371,16 +371,20 @@ class LeanServer(Server):
         self.websocket_max_frame_size = CONFIG.ws_max_bytes
 
     _timeout_slice = 0
+    _timeout_round: list[Any] = []
 
     def timeout_checker(self) -> None:
-        """Daphne's timeout pass, one slice of the connections at a time (module docstring):
-        each connection is still checked about once per `TIMEOUT_ROUND_SECONDS` (connections
-        that come and go shift the slices, so one may wait a round more: a ping or a timeout
-        2 s late)."""
-        protocols = list(self.connections)
-        count, part = len(protocols), self._timeout_slice
+        """Daphne's timeout pass, one slice of the connections at a time (module docstring).
+        The round's connections are listed once, at its first slice: each is checked once per
+        `TIMEOUT_ROUND_SECONDS` (one that connects mid-round waits for the next, as in
+        Daphne's own pass), and the list is not copied again for every slice."""
+        part = self._timeout_slice
+        if part == 0:
+            self._timeout_round = list(self.connections)
+        protocols, count = self._timeout_round, len(self._timeout_round)
         for protocol in protocols[part * count // TIMEOUT_SLICES:(part + 1) * count // TIMEOUT_SLICES]:
-            protocol.check_timeouts()
+            if protocol in self.connections:  # not forgotten by Daphne since the round began
+                protocol.check_timeouts()
         self._timeout_slice = (part + 1) % TIMEOUT_SLICES
         # Daphne's reactor (importing twisted's here could install the default one first).
         daphne.server.reactor.callLater(TIMEOUT_ROUND_SECONDS / TIMEOUT_SLICES, self.timeout_checker)
