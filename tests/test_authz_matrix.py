@@ -408,7 +408,8 @@ async def member_activity(world: World, kind: str, attacker: Socket, frame_type:
             await arriving.send({"type": "join", "room": room})
             peer = world.peers[kind]
             assert await active.until(
-                lambda f: f["type"] == "presence" and f["status"] == "online" and f["user"]["username"] == peer
+                lambda f: f["type"] == "presence" and f["status"] == "online"
+                and peer in {user["username"] for user in f["users"]}
             ), f"no presence of {peer}: {active.frames[-5:]}"
 
         await asyncio.gather(attack_again(), ephemeral_flood(), members())

@@ -27,7 +27,7 @@ def published(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str, str]]:
     async def publish_many(items: Any) -> None:
         for room, _seq, text in items:
             frame = json.loads(text)
-            frames.append((room, frame["user"]["username"], frame["status"]))
+            frames.extend((room, user["username"], frame["status"]) for user in frame["users"])
 
     monkeypatch.setattr(fanout, "publish_many", publish_many)
     return frames
@@ -48,6 +48,14 @@ async def settled(*books: PresenceBook) -> None:
     for book in books:
         if book.sweeper is not None:
             await asyncio.wait_for(book.sweeper, 5)
+    await announced(*books)
+
+
+async def announced(*books: PresenceBook) -> None:
+    """Every change the books gathered has been published."""
+    for book in books:
+        if book.news.flusher is not None:
+            await asyncio.wait_for(book.news.flusher, 5)
 
 
 async def test_a_departure_is_announced_after_the_grace_period_and_the_user_is_gone(published):
@@ -89,3 +97,64 @@ async def test_a_crowded_rooms_departure_leaves_the_set_unannounced(published):
     await settled(book)
     assert published == []
     assert (await PresenceBook().online(7)).count == 0
+
+
+@pytest.fixture
+def frames(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every presence frame the books publish, whole; a 0.2 s batching window."""
+    import json
+
+    monkeypatch.setattr(presence, "CONFIG", dataclasses.replace(
+        presence.CONFIG, presence_grace_seconds=GRACE, presence_batch_seconds=0.2))
+    published: list[dict[str, Any]] = []
+
+    async def publish_many(items: Any) -> None:
+        published.extend(json.loads(text) | {"published_room": room} for room, _seq, text in items)
+
+    monkeypatch.setattr(fanout, "publish_many", publish_many)
+    return published
+
+
+async def test_arrivals_within_the_window_are_one_frame_per_room_listing_them_all(frames):
+    # A room's members coming online together (a join storm): each member gets one frame, not one
+    # per arrival.
+    book = PresenceBook()
+    for user, name in ((3, "carol"), (1, "alice"), (2, "bob")):
+        assert await arrive(book, 7, user, name) == [7]
+        book.announce_online([7], user, name)
+    assert await arrive(book, 8, 1, "alice") == [8]
+    book.announce_online([8], 1, "alice")
+    assert frames == []  # gathered, not yet sent
+    await announced(book)
+    by_room = {frame["room"]: frame for frame in frames}
+    assert len(frames) == 2 and all(frame["published_room"] == frame["room"] for frame in frames)
+    assert by_room[7]["status"] == "online"
+    assert by_room[7]["users"] == [{"id": 1, "username": "alice"}, {"id": 2, "username": "bob"},
+                                   {"id": 3, "username": "carol"}]
+    assert by_room[8]["users"] == [{"id": 1, "username": "alice"}]
+
+
+async def test_gone_and_back_within_one_window_is_announced_once_with_the_status_that_holds(frames):
+    book = PresenceBook()
+    await arrive(book, 7, 1, "bob")
+    await arrive(book, 7, 2, "dan")
+    await leave(book, 7, 1, "bob")
+    await leave(book, 7, 2, "dan")
+    await asyncio.sleep(GRACE)
+    await asyncio.wait_for(book.sweeper, 5)  # both settled: offline, waiting in the window
+    assert frames == []
+    assert await arrive(book, 7, 1, "bob") == [7]  # bob is back (news again: he was removed)
+    book.announce_online([7], 1, "bob")
+    await announced(book)
+    statuses = {user["username"]: frame["status"] for frame in frames for user in frame["users"]}
+    assert statuses == {"bob": "online", "dan": "offline"}
+    assert len(frames) == 2  # one frame per status
+
+
+async def test_changes_after_a_window_was_published_go_out_in_the_next(frames):
+    book = PresenceBook()
+    book.news.add(7, 1, "alice", "online")
+    await announced(book)
+    book.news.add(7, 2, "bob", "online")
+    await announced(book)
+    assert [[user["username"] for user in frame["users"]] for frame in frames] == [["alice"], ["bob"]]

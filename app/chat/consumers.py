@@ -401,12 +401,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         new = [room for room in await PRESENCE.mark_online_many(first, self.user_id, self.username)
                if not cursors[room].quiet]
-        if new:  # a reconnect is no news: nothing to publish
-            me = self._me()
-            await fanout.publish_many(
-                (room, None, dumps({"type": "presence", "room": room, "user": me, "status": "online"}))
-                for room in new
-            )
+        # A reconnect is no news: nothing to announce.
+        PRESENCE.announce_online(new, self.user_id, self.username)
 
     async def _detach(self, room: int) -> None:
         cursor = self.rooms.pop(room, None)

@@ -18,6 +18,10 @@ two per member: for 10,000 sockets in rooms of 20, 19 members times 2 frames eac
 
 In a crowded room (PARLEY_PRESENCE_MAX users online or more) nothing is announced: each frame
 would go to every member. Its `joined` frames list PARLEY_PRESENCE_MAX users and give the count.
+
+- **Announcing**: a room's changes are gathered for PARLEY_PRESENCE_BATCH_MS and go out as one
+  frame per status listing the users (`Announcements`): a room whose 20 members come online
+  together costs each member one frame, not twenty.
 """
 
 from __future__ import annotations
@@ -114,9 +118,56 @@ class PresenceBatches(NamedTuple):
     adds: Coalescer[tuple[int, str], bool]
 
 
+class Announcements:
+    """Presence changes waiting to be published: per room, each user's latest status.
+
+    Gathered for PARLEY_PRESENCE_BATCH_MS, then one frame per room and status. A user who went
+    and came back within the window is announced once, with the status that holds now (the
+    frames of one window carry each user once, so their order does not matter)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, dict[int, tuple[str, str]]] = {}  # room -> user -> (name, status)
+        self.flusher: asyncio.Task[None] | None = None
+
+    def add(self, room: int, user: int, username: str, status: str) -> None:
+        self.pending.setdefault(room, {})[user] = (username, status)
+        loop = asyncio.get_running_loop()
+        # (A flusher of another loop, gone with it, would never run again: tests run one loop each.)
+        if self.flusher is None or self.flusher.done() or self.flusher.get_loop() is not loop:
+            self.flusher = loop.create_task(self._flush(), name="presence-announcer")
+
+    async def _flush(self) -> None:
+        """Publish a window's changes, and the next window's while more come; ends when none wait."""
+        while self.pending:
+            await asyncio.sleep(CONFIG.presence_batch_seconds)
+            pending, self.pending = self.pending, {}
+            try:
+                await self._publish(pending)
+            except (RedisError, OSError) as exc:
+                # Best effort, as the rest of presence: `joined` frames and the TTL stay right.
+                log.warning("presence: %d rooms' changes not announced: %s", len(pending), type(exc).__name__)
+            except Exception:
+                log.exception("presence: %d rooms' changes not announced", len(pending))
+
+    @staticmethod
+    async def _publish(pending: dict[int, dict[int, tuple[str, str]]]) -> None:
+        from chat import fanout  # fanout does not import presence; this keeps it that way
+
+        frames: list[tuple[int, None, str]] = []
+        for room, users in pending.items():
+            for status in ("offline", "online"):
+                listed = [{"id": user, "username": name}
+                          for user, (name, said) in sorted(users.items()) if said == status]
+                if listed:
+                    frames.append((room, None, dumps({"type": "presence", "room": room,
+                                                      "status": status, "users": listed})))
+        await fanout.publish_many(frames)
+
+
 class PresenceBook:
     def __init__(self) -> None:
         self.batches: PresenceBatches | None = None
+        self.news = Announcements()
         self.local: Counter[tuple[int, int]] = Counter()
         # Departures by due time (a heap: the grace period is a setting, and tests change it).
         self.leaving: list[Leaving] = []
@@ -223,15 +274,13 @@ class PresenceBook:
             for leaving, removed in zip(shard_items, await pipe.execute(), strict=True):
                 if removed and leaving.announce:
                     offline.append(leaving)
-        if offline:
-            from chat import fanout  # fanout does not import presence; this keeps it that way
+        for leaving in offline:
+            self.news.add(leaving.room, leaving.user, leaving.username, "offline")
 
-            await fanout.publish_many(
-                (leaving.room, None, dumps({"type": "presence", "room": leaving.room,
-                                            "user": {"id": leaving.user, "username": leaving.username},
-                                            "status": "offline"}))
-                for leaving in offline
-            )
+    def announce_online(self, rooms: Iterable[int], user: int, username: str) -> None:
+        """Tell the rooms' members the user came online (with the window's other changes)."""
+        for room in rooms:
+            self.news.add(room, user, username, "online")
 
     async def online(self, room: int) -> Online:
         return (await self.online_many([room]))[room]

@@ -154,6 +154,12 @@ class Config:
     # have refreshed a returning user's entry to be told apart) and than the drain's reconnect
     # jitter (a drained pod's users come back unannounced); shorter than the presence TTL.
     presence_grace_seconds: float = field(default_factory=lambda: _float("PARLEY_PRESENCE_GRACE_SECONDS", 10.0))
+    # Presence changes of a room are gathered this long and announced in one frame per status
+    # (`users` lists them all): a room's first joins (20 members at ~650 joins/s arrive within
+    # ~30 ms) cost each member one frame instead of one per arrival, 20 frames instead of 210 for
+    # a room of 20. A human does not see 100 ms on an online dot.
+    presence_batch_seconds: float = field(
+        default_factory=lambda: max(0.0, _float("PARLEY_PRESENCE_BATCH_MS", 100.0) / 1000))
     drain_seconds: float = field(default_factory=lambda: _float("PARLEY_DRAIN_SECONDS", 30.0))
     # The jittered reconnect delay told to clients when a protocol process drains.
     reconnect_jitter_ms: int = field(default_factory=lambda: _int("PARLEY_RECONNECT_JITTER_MS", 5000))

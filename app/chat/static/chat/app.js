@@ -497,11 +497,15 @@ const handlers = {
   },
 
   presence(frame) {
-    learnUser(frame.user);
+    // One frame lists every user whose status changed in the server's batching window.
+    const users = Array.isArray(frame.users) ? frame.users : [];
+    users.forEach(learnUser);
     const room = rooms.get(frame.room);
-    if (!room || !frame.user) return;
-    if (frame.status === "online") room.online.add(frame.user.id);
-    else { room.online.delete(frame.user.id); room.typing.delete(frame.user.id); }
+    if (!room || !users.length) return;
+    for (const user of users) {
+      if (frame.status === "online") room.online.add(user.id);
+      else { room.online.delete(user.id); room.typing.delete(user.id); }
+    }
     if (room.id === selectedId) { renderHeader(); renderTyping(); }
   },
 
