@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-REQUIREMENTS := requirements.txt requirements-dev.txt $(wildcard operator/requirements*.txt)
+REQUIREMENTS := requirements.txt requirements-dev.txt loadtest/requirements.txt $(wildcard operator/requirements*.txt)
 
 .PHONY: install run test lint bench bench-worker attacks browser-deps helm-deps clean
 
