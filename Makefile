@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 REQUIREMENTS := requirements.txt requirements-dev.txt loadtest/requirements.txt $(wildcard operator/requirements*.txt)
 
-.PHONY: install run test lint bench bench-worker attacks browser-deps helm-deps clean
+.PHONY: install run test lint bench bench-worker attacks loadtest-smoke browser-deps helm-deps clean
 
 $(STAMP): $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,12 @@ bench-worker: install
 ## attacks: a normal user's round trip while one hostile socket floods (docs/security.md).
 attacks: install
 	$(PY) loadtest/attacks.py $(ATTACK_ARGS)
+
+## loadtest-smoke: a short headless Locust run (300 users, tens of seconds) against a locally
+## started Parley; fails on any lost message, gap or error (docs/loadtest.md). `make test` runs it
+## too (tests/test_loadtest_smoke.py). LOADTEST_ARGS="--users 2000 --processes 2" for more.
+loadtest-smoke: install
+	$(PY) loadtest/local_run.py $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) var
