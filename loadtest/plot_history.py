@@ -82,12 +82,20 @@ def load_history(path: Path) -> list[Row]:
                 f"(locust --csv PREFIX --csv-full-history)? Found: {', '.join(reader.fieldnames or []) or 'nothing'}"
             )
         rows = []
+        # Locust keeps writing a name's last Requests/s after its requests stop (the rate of its
+        # last window, not of the row's second): a total that did not move means no requests.
+        totals: dict[tuple[str, str], float] = {}
         for lineno, cells in enumerate(reader, start=2):
             try:
+                key = (cells["Type"] or "", cells["Name"] or "")
+                total = number(cells.get("Total Request Count") or "")
+                idle = not math.isnan(total) and totals.get(key) == total
+                totals[key] = total
                 rows.append(Row(
                     timestamp=int(number(cells["Timestamp"])), users=int(number(cells["User Count"])),
-                    type=cells["Type"] or "", name=cells["Name"] or "",
-                    requests_per_s=number(cells["Requests/s"]), failures_per_s=number(cells["Failures/s"]),
+                    type=key[0], name=key[1],
+                    requests_per_s=0.0 if idle else number(cells["Requests/s"]),
+                    failures_per_s=0.0 if idle else number(cells["Failures/s"]),
                     percentiles={p: number(cells[p]) for p in PERCENTILES},
                 ))
             except (TypeError, ValueError) as exc:
