@@ -158,3 +158,33 @@ async def test_changes_after_a_window_was_published_go_out_in_the_next(frames):
     book.news.add(7, 2, "bob", "online")
     await announced(book)
     assert [[user["username"] for user in frame["users"]] for frame in frames] == [["alice"], ["bob"]]
+
+
+async def test_the_heartbeat_refreshes_every_local_entry_in_a_few_round_trips(monkeypatch):
+    # 1,200 rooms on this process: three pipelines (of at most 500 rooms), not 1,200 round trips,
+    # and every room's entry gets its new expiry; an entry another process let expire is pruned.
+    import time as clock
+
+    from chat.contract import presence_key
+    from chat.redis_pool import client_for
+
+    book = PresenceBook()
+    for room in range(1, 1201):
+        book.arrive(room, 7, "ann")
+    stale = client_for(presence.room_topic(5))
+    await stale.zadd(presence_key(5), {"9:gone": clock.time() - 1})
+    pipelines = []
+    real_pipeline = type(stale).pipeline
+
+    def counting(self, *args, **kwargs):
+        pipelines.append(1)
+        return real_pipeline(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(stale), "pipeline", counting)
+    before = clock.time()
+    await book.beat()
+    assert len(pipelines) == 3
+    for room in (1, 500, 501, 1200):
+        score = await stale.zscore(presence_key(room), "7:ann")
+        assert score is not None and score >= before + presence.CONFIG.heartbeat_ttl - 1
+    assert await stale.zscore(presence_key(5), "9:gone") is None
