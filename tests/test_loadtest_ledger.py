@@ -91,13 +91,16 @@ def test_the_mix_is_parsed_into_shares_and_bad_input_is_a_clear_error():
             parse_mix(bad)
 
 
-def test_a_chatter_talks_in_small_rooms_more_and_a_user_without_a_bot_room_is_idle_instead():
+def test_a_chatter_talks_in_small_rooms_more_and_one_without_a_bot_room_chats_in_its_groups():
     rooms = (RoomRef(1, "group", 5), RoomRef(2, "group", 1000), RoomRef(3, "dm", 2))
     record = UserRecord(0, 10, "lt0000000", "token", rooms)
     plan = plan_for(record, parse_mix("group=1"), random.Random(1))
     assert plan.behaviour == "group" and [r.id for r in plan.talks_in] == [1, 2]
     assert plan.weights[0] == 200 * plan.weights[1]
-    assert plan_for(record, parse_mix("bot=1"), random.Random(1)).behaviour == "idle"
+    assert plan_for(record, parse_mix("bot=1"), random.Random(1)).behaviour == "group"
+    assert [r.id for r in plan_for(record, parse_mix("dm=1"), random.Random(1)).talks_in] == [3]
+    alone = UserRecord(1, 11, "lt0000001", "token", (RoomRef(3, "dm", 2),))
+    assert plan_for(alone, parse_mix("bot=1"), random.Random(1)).behaviour == "idle"
 
 
 def test_source_addresses_as_ranges_networks_and_lists():

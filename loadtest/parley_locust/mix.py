@@ -41,12 +41,16 @@ class Plan:
 
 
 def plan_for(record: UserRecord, mix: dict[str, float], rng: random.Random) -> Plan:
-    """The user's behaviour, drawn from the mix among those its rooms allow (a user with no bot
-    room cannot talk to the bot: it is idle instead)."""
+    """The user's behaviour, drawn from the mix. A chatting user whose rooms lack that kind (no DM,
+    no bot chat: half and nine tenths of the minted users) chats in its groups instead, so that
+    the mix's chatting share, and so the message rate, is what it says."""
     behaviour = rng.choices(BEHAVIOURS, weights=[mix[b] for b in BEHAVIOURS])[0]
     talks_in: Sequence[RoomRef] = ()
     if behaviour != "idle":
         talks_in = [room for room in record.rooms if room.kind == TALKS_IN[behaviour]]
+        if not talks_in:
+            behaviour = "group"
+            talks_in = [room for room in record.rooms if room.kind == "group"]
         if not talks_in:
             behaviour, talks_in = "idle", ()
     # People talk more in small rooms; big rooms are mostly read. Weighting group rooms by 1/size
