@@ -1,0 +1,229 @@
+"""Write or check the numbers of values-400k.yaml from a capacity plan, keeping everything else.
+
+The tool owns some values (replicas, targets, resources, shards, scaling steps) and the comment
+block right above each, plus the file's `##` header; every other line (hosts, ingress, image,
+metrics, comments of values it does not own) is left as it is. `apply` rewrites the owned lines
+in a file's text; `--check-values` is "apply, then compare": a file that differs is reported as
+a unified diff and the check fails.
+
+The YAML is edited as lines, not parsed and dumped, so that comments, flow mappings and the order
+of keys survive exactly; the file is block-style YAML with one key per line, as the chart's
+presets are.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from loadtest.capacity_model import (
+    COMMANDS_PER_MESSAGE,
+    CORES_PER_PROTOCOL_POD,
+    CORES_PER_WORKER_POD,
+    MEMORY_LIMIT_FACTOR,
+    MEMORY_REQUEST_FACTOR,
+    QUEUE_TARGET_SECONDS,
+    STATEMENTS_PER_BATCH,
+    WORKER_AVAILABILITY_FLOOR,
+    Plan,
+    scale_steps,
+)
+
+WIDTH = 100  # the presets' line length
+KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_.-]+):(?P<rest>.*)$")
+
+
+@dataclass(frozen=True)
+class Edit:
+    path: str  # dotted key path, e.g. "protocol.minReplicas"
+    value: str | None  # the new value as YAML text; None: keep the file's
+    comment: list[str] | None  # the comment lines above the key (without "# "); None: keep the file's
+
+
+class ValuesError(Exception):
+    pass
+
+
+def comment(*sentences: str) -> list[str]:
+    """Sentences wrapped to the presets' width (the indent and "# " are added when written)."""
+    return textwrap.wrap(" ".join(sentences), WIDTH - 8, break_on_hyphens=False)
+
+
+def memory(mib: int) -> str:
+    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+
+
+def read_setting(text: str, path: str) -> str | None:
+    """The raw value of `path` in the YAML text (e.g. scaling.pollIntervalSeconds), or None."""
+    for line_path, _, match in _key_lines(text.splitlines()):
+        if line_path == path:
+            return match.group("rest").strip() or None
+    return None
+
+
+def _key_lines(lines: list[str]) -> Iterator[tuple[str, int, re.Match[str]]]:
+    """(dotted path, line index, match) for each `key:` line; the path from indentation."""
+    stack: list[tuple[int, str]] = []
+    for index, line in enumerate(lines):
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        match = KEY_LINE.match(line)
+        if match is None:
+            continue
+        indent = len(match.group("indent"))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, match.group("key")))
+        yield ".".join(key for _, key in stack), index, match
+
+
+def apply(text: str, header: list[str], edits: list[Edit]) -> str:
+    """`text` with the `##` header and every edit applied; ValuesError if an owned key is absent."""
+    lines = text.splitlines()
+    found = {path: (index, match) for path, index, match in _key_lines(lines)}
+    absent = [e.path for e in edits if e.path not in found]
+    if absent:
+        raise ValuesError(f"keys not found in the values file: {', '.join(absent)} (the tool edits an existing "
+                          "values-400k.yaml: restore its structure from git)")
+    # From the bottom up, so that earlier line numbers stay valid.
+    for edit in sorted(edits, key=lambda e: -found[e.path][0]):
+        index, match = found[edit.path]
+        indent = match.group("indent")
+        if edit.value is not None:
+            lines[index] = f"{indent}{match.group('key')}: {edit.value}"
+        if edit.comment is not None:
+            # The key's own comment: the lines right above it, at its indentation (not the header).
+            start = index
+            while start > 0 and lines[start - 1].startswith(f"{indent}#") and not lines[start - 1].startswith("##"):
+                start -= 1
+            lines[start:index] = [f"{indent}# {line}" for line in edit.comment]
+    body = lines
+    while body and body[0].startswith("##"):
+        body = body[1:]
+    return "\n".join([*(f"## {line}".rstrip() for line in header), *body]) + "\n"
+
+
+def diff(current: str, expected: str, name: str) -> str:
+    return "".join(difflib.unified_diff(current.splitlines(keepends=True), expected.splitlines(keepends=True),
+                                        fromfile=f"{name} (file)", tofile=f"{name} (model)"))
+
+
+# --- what the model writes -----------------------------------------------------------------------
+
+def header(plan: Plan, command: str, sources: list[str]) -> list[str]:
+    w, p = plan.workload, plan.planning
+    protocol, workers = plan.protocol, plan.workers
+    assert protocol and workers
+    lines = [
+        f"{w.users:,} concurrent users: the numbers and their comments below are generated by",
+        f"  {command}",
+        "(loadtest/capacity.py) from the figures make bench recorded in docs/benchmarks.json. `--check-values`",
+        "(tests/test_capacity.py) fails when they disagree with the model: change the model's options or",
+        "the measurements, then --write-values again. Inputs:",
+        *(f"  {source}" for source in sources),
+        "Load:",
+        *(f"  {line}" for line in textwrap.wrap(
+            f"{w.users:,} sockets; {w.messages_per_user_per_minute:g} message per user per minute = "
+            f"{w.messages_per_s:,.0f} messages/s; {w.mix_text()} = {w.deliveries_per_s:,.0f} deliveries/s on "
+            f"average; peaks of {w.peak_factor:g}x = {w.peak_messages_per_s:,.0f} messages/s and "
+            f"{w.peak_deliveries_per_s:,.0f} deliveries/s.", WIDTH - 5)),
+        "Planning:",
+        *(f"  {line}" for line in textwrap.wrap(
+            f"{p.headroom:.0%} of every measured rate kept free; {p.drain_reserve:.0%} of the sockets a process "
+            f"held kept for draining pods; ceilings (maxReplicas, Redis) for {1 + p.surge:g}x the users.",
+            WIDTH - 5)),
+        "These are single-machine measurements, not a 400k deployment: load-test before trusting them",
+        "(docs/loadtest.md, Locust).",
+        "  helm install chat . -n chat --create-namespace -f values-400k.yaml",
+    ]
+    return lines
+
+
+def edits(plan: Plan) -> list[Edit]:
+    protocol, workers, redis, postgres = plan.protocol, plan.workers, plan.redis, plan.postgres
+    if not (protocol and workers and redis and postgres):
+        raise ValuesError("the platform's tiers are not all sized: " + "; ".join(
+            f"{tier}: {', '.join(keys)}" for tier, keys in plan.unsized.items() if tier != "Locust workers"))
+    w, p, inputs = plan.workload, plan.planning, plan.inputs
+    fig = inputs.figures
+    kb = fig["protocol.idle_kb_per_socket"].value
+    rss = fig["protocol.process_rss_mb"]
+    cpu = fig["protocol.cpu_us_per_delivery"]
+    per_pod = "; ".join(f"{b.name}: {b.detail} -> {b.needs} pods" for b in protocol.tier.bounds)
+    up, down, why_up, why_down = scale_steps(protocol, workers, p, inputs)
+    t = protocol.target_per_pod
+    worker_rss = fig["worker.process_rss_mb"]
+    avg, peak, top = redis.average, redis.peak, redis.ceiling
+    by_rate = next(b.needs for b in workers.tier.bounds if b.name == "stored messages/s per worker")
+    return [
+        Edit("protocol.minReplicas", str(protocol.tier.count), comment(
+            f"Sockets per pod, the least of: {per_pod}.",
+            "The operator scales this tier on connections only, so its floor carries the peak's deliveries too:",
+            f"{w.users:,} users / {t:,} per pod (rounded down) = {protocol.tier.count} pods,",
+            f"limited by: {protocol.tier.bounds[0].name}.")),
+        Edit("protocol.maxReplicas", str(protocol.tier.ceiling), comment(
+            f"Ceiling: {1 + p.surge:g}x the users ({w.users * (1 + p.surge):,.0f}) / {t:,} = {protocol.tier.ceiling}"
+            " pods: a bound on cost, not the plan.")),
+        Edit("protocol.targetConnectionsPerPod", str(t), []),
+        Edit("protocol.resources", None, []),
+        Edit("protocol.resources.requests", f'{{cpu: "{CORES_PER_PROTOCOL_POD}", memory: '
+                                            f'{memory(protocol.memory_request_mi)}}}', comment(
+            "One core: a pod is one Python process, and the deliveries figure is one process's (at the peak the",
+            f"tier uses ~{protocol.cores_used_peak:.0f} of its {protocol.tier.count * CORES_PER_PROTOCOL_POD} cores",
+            f"at {cpu.value:.0f} us per delivery, {cpu.kind}).",
+            f"Memory: {rss.value:.0f} MiB of process ({rss.kind}) + {protocol.sockets_ceiling:,} sockets (a pod",
+            f"absorbing draining pods' sockets) x {kb:g} KB = {protocol.working_set_mib:.0f} MiB; the request is",
+            f"{MEMORY_REQUEST_FACTOR:g}x that for frames queued under load, the limit {MEMORY_LIMIT_FACTOR:g}x the",
+            "request for bursts.")),
+        Edit("protocol.resources.limits", f"{{memory: {memory(protocol.memory_limit_mi)}}}", None),
+        Edit("worker.minReplicas", str(workers.tier.count), comment(
+            f"{w.messages_per_s:,.0f} messages/s / {workers.planned_rate:,.0f} per worker",
+            f"({fig['worker.msgs_per_s'].value:,.0f} measured from a backlog, less {p.headroom:.0%}) ="
+            f" {by_rate} on average; at least {WORKER_AVAILABILITY_FLOOR} so that a worker's restart or rollout",
+            f"never leaves chat.persist unconsumed. Limited by: {workers.tier.bounds[0].name}.",
+            *(f"{note[0].upper()}{note[1:]}." for note in workers.tier.notes))),
+        Edit("worker.maxReplicas", str(workers.tier.ceiling), comment(
+            f"The peak's {w.peak_messages_per_s:,.0f} messages/s needs {workers.peak_workers}; the ceiling carries"
+            f" {1 + p.surge:g}x that: {w.peak_messages_per_s * (1 + p.surge):,.0f} / {workers.planned_rate:,.0f} ="
+            f" {workers.tier.ceiling}. Each worker holds up to PARLEY_STORE_CONNECTIONS + 1 PostgreSQL connections:"
+            f" keep max_connections >= {postgres.connections:,} (see postgresql below).")),
+        Edit("worker.targetQueueDepthPerReplica", str(workers.target_queue_depth), comment(
+            f"~{QUEUE_TARGET_SECONDS:g} s of one worker's planned work ({workers.planned_rate:,.0f}/s): scale"
+            " before senders notice (they get `busy` at PARLEY_WORKER_CAPACITY).")),
+        Edit("worker.resources", None, []),
+        Edit("worker.resources.requests", f'{{cpu: "{CORES_PER_WORKER_POD}", memory: '
+                                          f'{memory(workers.memory_request_mi)}}}', comment(
+            f"One core: a worker is one event loop (the bench worker used"
+            f" {fig['worker.cpu_share_at_max'].value:.0%} of a shared core storing"
+            f" {fig['worker.msgs_per_s'].value:,.0f} messages/s). Memory: {worker_rss.value:.0f} MiB of process"
+            f" ({worker_rss.kind}) x {MEMORY_REQUEST_FACTOR:g} = the request, the limit"
+            f" {MEMORY_LIMIT_FACTOR:g}x the request.")),
+        Edit("worker.resources.limits", f"{{memory: {memory(workers.memory_limit_mi)}}}", None),
+        Edit("scaling.maxScaleUpStep", str(up), comment(f"{why_up.capitalize()}.")),
+        Edit("scaling.maxScaleDownStep", str(down), comment(f"{why_down.capitalize()}.")),
+        Edit("drain.gracePeriodSeconds", None, comment(
+            f"{t:,} sockets told to reconnect within {p.jitter_seconds:g} s of jitter, plus the slowest clients.")),
+        Edit("redis", None, comment(
+            f"Redis: per message {COMMANDS_PER_MESSAGE} commands (the send to chat.persist, the room PUBLISH), per"
+            " worker pass a receive, per batch an ack PUBLISH to each protocol pod with senders in it; each room"
+            " PUBLISH is pushed to every pod with members of the room."
+            f" Average: {avg.commands_per_s:,.0f} commands/s and {avg.pushes_per_s:,.0f} pushes/s;"
+            f" peak: {peak.commands_per_s:,.0f} and {peak.pushes_per_s:,.0f}"
+            f" ({redis.tier.bounds[1].needs} shards); at the ceilings: {top.commands_per_s:,.0f} and"
+            f" {top.pushes_per_s:,.0f}. Per core: {fig['redis.commands_per_s_per_core'].value:,.0f} commands/s and"
+            f" {fig['redis.pushes_per_s_per_core'].value:,.0f} pushes/s ({fig['redis.commands_per_s_per_core'].kind}s),"
+            f" each shard at <= {1 - p.headroom:.0%} of its core, chat.persist's shard also carrying every send and"
+            f" receive: {redis.tier.count} shards, limited by {redis.tier.bounds[0].name} (shards do not autoscale).")),
+        Edit("redis.shards", str(redis.tier.count), []),
+        Edit("postgresql", None, comment(
+            f"PostgreSQL at this size: {postgres.rows_avg:,.0f} rows/s on average ({postgres.rows_peak:,.0f} at the"
+            f" peak) in {postgres.statements_avg:,.0f} statements/s ({postgres.statements_peak:,.0f}),"
+            f" {STATEMENTS_PER_BATCH} per"
+            f" batch; max_connections >= {postgres.connections:,} at the ceilings. A managed service or a"
+            " CloudNativePG cluster with a replica and backups (docs/operations.md, \"Production choices\"), not"
+            " the built-in single instance. The Secret holds DATABASE_URL (key url) and SECRET_KEY (key"
+            " secret-key).")),
+    ]
