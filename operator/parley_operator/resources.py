@@ -26,6 +26,11 @@ WORKER_METRICS_PORT = METRICS_PORT
 APP_UID = 10001
 TMP_VOLUME = "tmp"  # the only writable path: read-only root filesystem, emptyDir on /tmp
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+# PARLEY_HANDSHAKE_EXEMPT's default in app/parley/config.py. The variable replaces that default,
+# so when the spec adds CIDRs the operator writes loopback in front of them: a same-host peer is
+# exempt whatever the spec adds, as without it (docs/security.md, "Throttles").
+# tests/test_handshake_exempt.py keeps the two equal.
+LOOPBACK_EXEMPT = ("127.0.0.0/8", "::1/128")
 
 Obj = dict[str, Any]
 
@@ -104,6 +109,22 @@ def environment(spec: PlatformSpec, owner_name: str) -> list[Obj]:
     ]
 
 
+def handshake_environment(spec: PlatformSpec) -> list[Obj]:
+    """The handshake limit's variables, each only when the spec sets it (the app's defaults
+    otherwise). Protocol containers only: workers take no handshakes, and changing the limit for
+    a load test then rolls the protocol pods alone."""
+    limit = spec.handshake_limit
+    env: list[Obj] = []
+    if limit.per_second is not None:
+        env.append({"name": "PARLEY_HANDSHAKES_PER_SECOND", "value": str(limit.per_second)})
+    if limit.burst is not None:
+        env.append({"name": "PARLEY_HANDSHAKE_BURST", "value": str(limit.burst)})
+    if limit.exempt:
+        cidrs = dict.fromkeys([*LOOPBACK_EXEMPT, *limit.exempt])  # in order, each once
+        env.append({"name": "PARLEY_HANDSHAKE_EXEMPT", "value": ",".join(cidrs)})
+    return env
+
+
 def _migrate_init_container(spec: PlatformSpec, env: list[Obj]) -> Obj:
     # `parley migrate` holds a PostgreSQL advisory lock, so every pod may run it: the first one
     # migrates, the others wait and find nothing to do. No separate Job to order against.
@@ -160,7 +181,7 @@ def protocol_template(owner: Mapping[str, Any], spec: PlatformSpec) -> Obj:
                 "command": ["parley", "protocol"],
                 "ports": [{"name": "http", "containerPort": PROTOCOL_PORT, "protocol": "TCP"},
                           {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
-                "env": env,
+                "env": [*env, *handshake_environment(spec)],
                 "resources": copy.deepcopy(dict(spec.protocol.resources)),
                 "securityContext": _container_security(),
                 "volumeMounts": _tmp_mount(),

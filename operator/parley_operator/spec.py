@@ -8,6 +8,7 @@ server) behaves identically. `tests/operator/test_crd.py` keeps the two sets equ
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,6 +65,16 @@ class ScalingSpec:
 
 
 @dataclass(frozen=True)
+class HandshakeLimitSpec:
+    """`spec.handshakeLimit`: only what the spec sets. None / empty: the app's own default
+    (`app/parley/config.py`), so the defaults live in one place."""
+
+    per_second: float | None = None  # PARLEY_HANDSHAKES_PER_SECOND
+    burst: int | None = None  # PARLEY_HANDSHAKE_BURST
+    exempt: tuple[str, ...] = ()  # CIDRs exempt besides loopback (PARLEY_HANDSHAKE_EXEMPT)
+
+
+@dataclass(frozen=True)
 class PlatformSpec:
     image: str
     image_pull_policy: str
@@ -77,6 +88,7 @@ class PlatformSpec:
     scaling: ScalingSpec
     drain_grace_seconds: int
     server: str = "daphne"  # PARLEY_SERVER of the protocol pods: daphne or uvicorn
+    handshake_limit: HandshakeLimitSpec = HandshakeLimitSpec()
 
     @property
     def termination_grace_seconds(self) -> int:
@@ -131,6 +143,10 @@ DEFAULTS: dict[str, Any] = {
 
 
 ORIGIN_RE = re.compile(r"^https?://[^/*\s]+$")
+# The lowest `handshakeLimit.perSecond` (as in the CRD): above 0, which would switch the limit off
+# for every address (exempt the addresses that need it instead); at 0.1 an address that spent its
+# burst still gets a handshake every 10 s.
+MIN_HANDSHAKES_PER_SECOND = 0.1
 
 
 def default_channel_prefix(namespace: str, name: str) -> str:
@@ -149,6 +165,44 @@ def _get(spec: Mapping[str, Any], path: str) -> Any:
             return DEFAULTS[path]
         node = node[part]
     return node
+
+
+def _check_cidr(where: str, cidr: Any) -> None:
+    # ipaddress also takes integers (5 is 0.0.0.5/32): only a string is a CIDR here.
+    try:
+        if not isinstance(cidr, str):
+            raise ValueError(cidr)
+        ipaddress.ip_network(cidr, strict=False)
+    except ValueError as exc:
+        raise SpecError(f"{where}: {cidr!r} is not a CIDR") from exc
+
+
+def _handshake_limit(spec: Mapping[str, Any]) -> HandshakeLimitSpec:
+    """`spec.handshakeLimit`, checked here as well as by the CRD: an object that skipped the
+    schema must fail with a message, not give the pods an environment they crash-loop on."""
+    limit = spec.get("handshakeLimit")
+    if limit is None:
+        return HandshakeLimitSpec()
+    if not isinstance(limit, Mapping):
+        raise SpecError(f"spec.handshakeLimit: {limit!r} is not an object {{perSecond, burst, exempt}}")
+    per_second = limit.get("perSecond")
+    if per_second is not None and (
+        isinstance(per_second, bool) or not isinstance(per_second, int | float)
+        or not math.isfinite(per_second) or per_second < MIN_HANDSHAKES_PER_SECOND
+    ):
+        raise SpecError(f"spec.handshakeLimit.perSecond: {per_second!r} is not a number of handshakes "
+                        f"per second of at least {MIN_HANDSHAKES_PER_SECOND}")
+    burst = limit.get("burst")
+    if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or burst < 1):
+        raise SpecError(f"spec.handshakeLimit.burst: {burst!r} is not a whole number of handshakes of at least 1")
+    exempt = limit.get("exempt")
+    if exempt is None:
+        exempt = []
+    if not isinstance(exempt, list | tuple):
+        raise SpecError(f"spec.handshakeLimit.exempt: {exempt!r} is not a list of CIDRs")
+    for cidr in exempt:
+        _check_cidr("spec.handshakeLimit.exempt", cidr)
+    return HandshakeLimitSpec(per_second=per_second, burst=burst, exempt=tuple(exempt))
 
 
 def parse_body(body: Mapping[str, Any]) -> PlatformSpec:
@@ -180,10 +234,7 @@ def parse(spec: Mapping[str, Any], namespace: str | None = None, name: str | Non
             raise SpecError(f"spec.allowedOrigins: {origin!r} is not an origin like https://chat.example.com")
     proxies = tuple(spec.get("trustedProxies") or ())
     for cidr in proxies:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError as exc:
-            raise SpecError(f"spec.trustedProxies: {cidr!r} is not a CIDR") from exc
+        _check_cidr("spec.trustedProxies", cidr)
 
     redis = spec.get("redis") or {}
     prefix = redis.get("channelPrefix")
@@ -243,4 +294,5 @@ def parse(spec: Mapping[str, Any], namespace: str | None = None, name: str | Non
         ),
         drain_grace_seconds=_get(spec, "drain.gracePeriodSeconds"),
         server=_get(spec, "protocol.server"),
+        handshake_limit=_handshake_limit(spec),
     )

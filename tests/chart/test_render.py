@@ -98,6 +98,25 @@ def test_the_platform_is_built_from_values() -> None:
     assert "allowedOrigins" not in spec  # derived by the app from the (non-wildcard) hosts
 
 
+def test_the_handshake_limit_goes_from_values_to_the_protocol_pods() -> None:
+    docs = render("--set-json", "handshakeLimit.perSecond=2.5", "--set", "handshakeLimit.burst=1000000",
+                  "--set", "handshakeLimit.exempt={10.244.0.0/16,fd00::/8}")
+    platform = one(docs, "ChatPlatform")
+    # A million, not Go's 1e+06, which the CRD's integer would refuse.
+    assert platform["spec"]["handshakeLimit"] == {"perSecond": 2.5, "burst": 1000000,
+                                                  "exempt": ["10.244.0.0/16", "fd00::/8"]}
+    jsonschema.validate(platform["spec"], _no_unknown_fields(load_crd()))
+    protocol = one(operator_children(docs), "Deployment", "chat-protocol")
+    kubernetes_validate.validate(protocol, K8S_VERSION, strict=True)
+    env = {e["name"]: e.get("value") for e in protocol["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PARLEY_HANDSHAKES_PER_SECOND"] == "2.5"
+    assert env["PARLEY_HANDSHAKE_BURST"] == "1000000"
+    assert env["PARLEY_HANDSHAKE_EXEMPT"] == "127.0.0.0/8,::1/128,10.244.0.0/16,fd00::/8"
+    # Only what is given; by default nothing, and the app keeps its own defaults.
+    assert one(render("--set", "handshakeLimit.burst=80"), "ChatPlatform")["spec"]["handshakeLimit"] == {"burst": 80}
+    assert "handshakeLimit" not in one(render(), "ChatPlatform")["spec"]
+
+
 def test_the_redis_secret_lists_one_url_per_shard() -> None:
     import base64
 

@@ -16,6 +16,14 @@ MISTAKES = [
     ("origin without a scheme", ["--set", "allowedOrigins[0]=chat.example.com"], "/allowedOrigins/0"),
     ("origin with a path", ["--set", "allowedOrigins[0]=https://chat.example.com/"], "/allowedOrigins/0"),
     ("proxy as a host name", ["--set", "trustedProxies[0]=ingress-nginx"], "/trustedProxies/0"),
+    ("exempt address as a host name", ["--set", "handshakeLimit.exempt[0]=locust-worker"], "/handshakeLimit/exempt/0"),
+    ("exempt addresses as one string", ["--set", "handshakeLimit.exempt=10.0.0.0/8"], "/handshakeLimit/exempt"),
+    ("handshake rate of zero", ["--set", "handshakeLimit.perSecond=0"], "/handshakeLimit/perSecond"),
+    # --set leaves a fraction a string: the message says so at the right path.
+    ("handshake rate via --set", ["--set", "handshakeLimit.perSecond=2.5"], "/handshakeLimit/perSecond"),
+    ("handshake burst as a fraction", ["--set-json", "handshakeLimit.burst=2.5"], "/handshakeLimit/burst"),
+    ("handshake burst of zero", ["--set", "handshakeLimit.burst=0"], "/handshakeLimit/burst"),
+    ("misspelt handshake value", ["--set", "handshakeLimit.perSecnd=5"], "perSecnd"),
     ("misspelt top-level value", ["--set", "allowedHost[0]=chat.example.com"], "allowedHost"),
     ("misspelt nested value", ["--set", "protocol.maxReplica=3"], "maxReplica"),
     ("digest that is a tag", ["--set", "global.image.digest=latest"], "/global/image/digest"),
@@ -40,6 +48,8 @@ ACCEPTED = [
     ("wildcard hosts with origins", ["--set", "allowedHosts[0]=*", "--set", "allowedOrigins[0]=https://chat.example.com"]),
     ("explicit hosts", ["--set", "allowedHosts[0]=chat.example.com", "--set", "allowedHosts[1]=.example.org"]),
     ("IPv6 proxies", ["--set", "trustedProxies[0]=fd00::/8"]),
+    ("a handshake limit", ["--set-json", 'handshakeLimit={"perSecond": 0.5, "burst": 5, "exempt": ["10.244.0.0/16"]}']),
+    ("IPv6 exempt addresses", ["--set", "handshakeLimit.exempt[0]=fd00::/8"]),
     ("workers at zero", ["--set", "worker.minReplicas=0"]),
     ("a digest", ["--set", "global.image.digest=sha256:" + "0" * 64]),
 ]

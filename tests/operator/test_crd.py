@@ -61,6 +61,13 @@ BAD_SPECS = [
     ("origin without scheme", {"allowedOrigins": ["chat.example.com"]}),
     ("wildcard origin", {"allowedOrigins": ["https://*.example.com"]}),
     ("proxy that is a host name", {"trustedProxies": ["ingress-nginx"]}),
+    ("exempt address that is a host name", {"handshakeLimit": {"exempt": ["locust-worker"]}}),
+    ("exempt addresses as one string", {"handshakeLimit": {"exempt": "10.0.0.0/8"}}),
+    ("handshake rate of zero", {"handshakeLimit": {"perSecond": 0}}),
+    ("handshake rate as a string", {"handshakeLimit": {"perSecond": "10"}}),
+    ("handshake burst as a fraction", {"handshakeLimit": {"burst": 2.5}}),
+    ("handshake burst of zero", {"handshakeLimit": {"burst": 0}}),
+    ("handshake limit as a number", {"handshakeLimit": 10}),
     ("prefix with a space", {"redis": {"urls": ["redis://r"], "channelPrefix": "my app"}}),
     ("prefix with a glob", {"redis": {"urls": ["redis://r"], "channelPrefix": "a*"}}),
 ]
@@ -116,6 +123,46 @@ def test_trusted_proxies_must_be_networks() -> None:
     body = admit(chat_platform(trustedProxies=["10.0.0.0/33"]))  # matches the pattern, not a network
     with pytest.raises(specmod.SpecError, match="trustedProxies"):
         specmod.parse_body(body)
+
+
+def test_the_handshake_limit_is_optional_and_typed() -> None:
+    assert specmod.parse_body(admit(chat_platform())).handshake_limit == specmod.HandshakeLimitSpec()
+    body = admit(chat_platform(handshakeLimit={"perSecond": 25, "burst": 500,
+                                               "exempt": ["10.244.0.0/16", "fd00::/8", "198.51.100.7"]}))
+    assert "default" not in spec_schema()["properties"]["handshakeLimit"]  # absent stays absent
+    assert specmod.parse_body(body).handshake_limit == specmod.HandshakeLimitSpec(
+        per_second=25, burst=500, exempt=("10.244.0.0/16", "fd00::/8", "198.51.100.7"))
+    fraction = admit(chat_platform(handshakeLimit={"perSecond": 0.5}))
+    assert specmod.parse_body(fraction).handshake_limit.per_second == 0.5
+    # The schema's minimum is the operator's.
+    assert spec_schema()["properties"]["handshakeLimit"]["properties"]["perSecond"]["minimum"] == (
+        specmod.MIN_HANDSHAKES_PER_SECOND)
+
+
+def test_exempt_addresses_must_be_networks() -> None:
+    body = admit(chat_platform(handshakeLimit={"exempt": ["10.0.0.0/8", "10.0.0.0/33"]}))  # the pattern's fine
+    with pytest.raises(specmod.SpecError, match=r"spec\.handshakeLimit\.exempt: '10\.0\.0\.0/33' is not a CIDR"):
+        specmod.parse_body(body)
+
+
+@pytest.mark.parametrize(("limit", "message"), [
+    ("fast", r"spec\.handshakeLimit: 'fast' is not an object"),
+    ({"perSecond": "10"}, r"perSecond: '10' is not a number"),
+    ({"perSecond": True}, r"perSecond: True is not a number"),
+    ({"perSecond": 0}, r"perSecond: 0 is not a number .* at least 0\.1"),
+    ({"perSecond": float("nan")}, r"perSecond: nan"),
+    ({"burst": 2.5}, r"burst: 2\.5 is not a whole number"),
+    ({"burst": "50"}, r"burst: '50' is not a whole number"),
+    ({"burst": 0}, r"burst: 0 is not a whole number .* at least 1"),
+    ({"exempt": "10.0.0.0/8"}, r"exempt: '10\.0\.0\.0/8' is not a list of CIDRs"),
+    ({"exempt": [5]}, r"exempt: 5 is not a CIDR"),
+    ({"exempt": ["10.0.0.0/8", "locust-worker"]}, r"exempt: 'locust-worker' is not a CIDR"),
+])
+def test_a_handshake_limit_that_skipped_the_schema_is_refused_by_name(limit: Any, message: str) -> None:
+    # An object the API server did not validate (an older CRD, a test server) gets the same
+    # verdict from the operator, naming the bad entry, instead of pods that fail to start.
+    with pytest.raises(specmod.SpecError, match=message):
+        specmod.parse_body(chat_platform(handshakeLimit=limit))
 
 
 def test_redis_urls_may_come_from_a_secret() -> None:

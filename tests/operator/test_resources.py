@@ -120,6 +120,38 @@ def test_origins_proxies_and_metrics_port_reach_the_pods() -> None:
     assert "PARLEY_ALLOWED_ORIGINS" not in plain and "PARLEY_TRUSTED_PROXIES" not in plain
 
 
+def handshake_env(body: dict[str, Any], role: str = "protocol") -> dict[str, Any]:
+    env = env_of(resources.deployment(body, parse_body(body), role, replicas=1))
+    return {name: value for name, value in env.items() if name.startswith("PARLEY_HANDSHAKE")}
+
+
+def test_the_handshake_limit_reaches_the_protocol_pods() -> None:
+    body = owner(handshakeLimit={"perSecond": 2.5, "burst": 500, "exempt": ["10.244.0.0/16", "fd00:10::/64"]})
+    assert handshake_env(body) == {
+        "PARLEY_HANDSHAKES_PER_SECOND": "2.5",
+        "PARLEY_HANDSHAKE_BURST": "500",
+        # Added to loopback, which stays exempt: the variable replaces the app's default.
+        "PARLEY_HANDSHAKE_EXEMPT": "127.0.0.0/8,::1/128,10.244.0.0/16,fd00:10::/64",
+    }
+    # Workers take no handshakes: a limit changed for a load test rolls the protocol pods alone.
+    assert handshake_env(body, "worker") == {}
+    assert resources.is_subset(resources.worker_template(body, parse_body(body)),
+                               resources.worker_template(owner(), parse_body(owner())))
+    assert not resources.is_subset(resources.protocol_template(body, parse_body(body)),
+                                   resources.protocol_template(owner(), parse_body(owner())))
+
+
+def test_only_the_handshake_settings_given_are_passed() -> None:
+    # The app's defaults (app/parley/config.py) fill in the rest; a whole-number rate stays one.
+    assert handshake_env(owner(handshakeLimit={"perSecond": 25})) == {"PARLEY_HANDSHAKES_PER_SECOND": "25"}
+    assert handshake_env(owner(handshakeLimit={"burst": 200})) == {"PARLEY_HANDSHAKE_BURST": "200"}
+    # Loopback named again is written once.
+    assert handshake_env(owner(handshakeLimit={"exempt": ["10.0.0.0/8", "127.0.0.0/8"]})) == {
+        "PARLEY_HANDSHAKE_EXEMPT": "127.0.0.0/8,::1/128,10.0.0.0/8"}
+    for unset in (owner(), owner(handshakeLimit={}), owner(handshakeLimit={"exempt": []})):
+        assert handshake_env(unset) == {}
+
+
 def test_each_platform_gets_its_own_redis_prefix_unless_the_spec_sets_one() -> None:
     a, b = owner(), admit(chat_platform(name="other", namespace="ns"))
     assert env_of(resources.deployment(a, parse_body(a), "worker", 1))["PARLEY_CHANNEL_PREFIX"] == "parley.ns.chat."
