@@ -44,7 +44,6 @@ SMOKE_ARGS = ["--mix", "idle=40,group=30,dm=20,bot=10", "--message-rate", "30",
               "--reconnects-per-hour", "360", "--history-per-hour", "360", "--delivery-sample", "1"]
 # /proc's CPU ticks per second.
 TICKS = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
@@ -66,14 +65,27 @@ class Run:
 # --- resource sampling ------------------------------------------------------------------------------
 
 
-def _proc(pid: int) -> tuple[int, int] | None:
-    """(CPU ticks, RSS bytes) of a process, or None when it is gone."""
+def _proc(pid: int) -> tuple[int, int, int] | None:
+    """(CPU ticks, resident bytes, shared-memory bytes) of a process, or None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
             fields = handle.read().rsplit(")", 1)[1].split()
+        memory = {}
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith(("VmRSS:", "RssShmem:")):
+                    memory[line.split(":")[0]] = int(line.split()[1]) * 1024
     except OSError:
         return None
-    return int(fields[11]) + int(fields[12]), int(fields[21]) * PAGE
+    return int(fields[11]) + int(fields[12]), memory.get("VmRSS", 0), memory.get("RssShmem", 0)
+
+
+def _resident(procs: object) -> int:
+    """What a group of processes holds in memory: each one's RSS, its shared memory counted once
+    (PostgreSQL's backends all map its shared buffers; summing their RSS would count those once
+    per backend)."""
+    found = list(procs)  # type: ignore[call-overload]
+    return sum(rss - shared for _, rss, shared in found) + max((shared for _, _, shared in found), default=0)
 
 
 def _children(pid: int) -> list[int]:
@@ -106,16 +118,16 @@ class Sampler:
 
     def __init__(self, parts: dict[str, object]) -> None:
         self.parts = parts  # name -> callable giving the part's pids now
-        # (time, {part: {pid: (CPU ticks, RSS bytes)}}): per process, so that processes coming and
-        # going (PostgreSQL backends) count only the ticks they spent inside the window.
-        self.samples: list[tuple[float, dict[str, dict[int, tuple[int, int]]]]] = []
+        # (time, {part: {pid: (CPU ticks, RSS, shared memory)}}): per process, so that processes
+        # coming and going (PostgreSQL backends) count only the ticks they spent inside the window.
+        self.samples: list[tuple[float, dict[str, dict[int, tuple[int, int, int]]]]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self.stop.wait(2.0):
             now = time.monotonic()
-            parts: dict[str, dict[int, tuple[int, int]]] = {}
+            parts: dict[str, dict[int, tuple[int, int, int]]] = {}
             for name, pids in self.parts.items():
                 parts[name] = {pid: got for pid in pids() if (got := _proc(pid))}  # type: ignore[operator]
             self.samples.append((now, parts))
@@ -127,8 +139,8 @@ class Sampler:
         (t0, first), (t1, last) = window[0], window[-1]
         found: dict[str, dict[str, float]] = {}
         for name, procs in last.items():
-            ticks = sum(now[0] - first[name].get(pid, (0, 0))[0] for pid, now in procs.items())
-            rss = max(sum(rss for _, rss in sample[name].values()) for _, sample in window)
+            ticks = sum(now[0] - first[name].get(pid, (0, 0, 0))[0] for pid, now in procs.items())
+            rss = max(_resident(sample[name].values()) for _, sample in window)
             found[name] = {"cpu_cores": round(ticks / TICKS / (t1 - t0), 3), "rss_mb": round(rss / 2**20, 1)}
         return found
 

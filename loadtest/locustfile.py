@@ -29,10 +29,6 @@ from parley_locust.user import ParleyUser  # noqa: F401  (and the user)
 
 log = logging.getLogger("parley.loadtest")
 
-# File descriptors a user costs: its socket, plus slack for the process's own (logs, zmq, files).
-FDS_PER_USER = 1
-FD_SLACK = 200
-
 
 @events.init_command_line_parser.add_listener
 def _add_options(parser: Any, **_: Any) -> None:
@@ -55,16 +51,7 @@ def _raise_open_files() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    log.info("open files: %d (each user holds one socket; %d are kept for the process)",
-             resource.getrlimit(resource.RLIMIT_NOFILE)[0], FD_SLACK)
-
-
-@events.spawning_complete.add_listener
-def _check_open_files(user_count: int, **_: Any) -> None:
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if user_count * FDS_PER_USER + FD_SLACK > soft:
-        log.warning("%d users need ~%d file descriptors, the limit is %d: raise the hard limit (ulimit -Hn)",
-                    user_count, user_count * FDS_PER_USER + FD_SLACK, soft)
+    log.info("open files: up to %d (a socket per user)", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 @events.report_to_master.add_listener

@@ -63,3 +63,22 @@ def test_a_run_that_misses_a_threshold_exits_non_zero_and_says_which(platform, t
     assert run.returncode == 1, run.output[-4000:]
     assert run.figures()["result"] == "FAIL"
     assert "threshold missed: delivery p99" in run.output
+
+
+def test_without_a_users_file_users_log_in_and_find_their_rooms(live_stack, tmp_path):
+    # Accounts that exist already (a staging platform's test users): --login prefix:password.
+    from chat.services import create_group, invite
+    from tests.helpers import make_user
+
+    users = [make_user(f"pw{i:07d}", "a-long-test-password")[0] for i in range(20)]
+    room = create_group(users[0], "login-room", False)
+    for user in users[1:]:
+        invite(users[0].pk, room.pk, user.get_username())
+    hosts = start_platform(live_stack, protocols=1)
+    run = run_locust(hosts, tmp_path / "no-such-file.jsonl", tmp_path / "run", 20, ramp_rate=20, hold_seconds=8,
+                     extra=["--login", "pw:a-long-test-password", "--mix", "group=1"])
+    figures = run.figures()
+    assert run.returncode == 0, run.output[-4000:]
+    assert int(figures["connects"]) >= 20 and int(figures["acked"]) > 0
+    # Each message reached the room's other members: they learnt the room from GET /api/rooms.
+    assert int(figures["deliveries"]) >= 10 * int(figures["acked"])

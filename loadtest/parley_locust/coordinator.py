@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+import resource
 import secrets
 import time
 from typing import Any
@@ -24,6 +25,7 @@ import gevent
 from gevent.lock import Semaphore
 
 from parley_locust.ledger import Totals
+from parley_locust.login import log_in, parse_login
 from parley_locust.mix import parse_mix
 from parley_locust.users_file import UserRecord, iter_users, read_header
 
@@ -33,6 +35,8 @@ VERIFY = "parley_verify"
 VERIFIED = "parley_verified"
 # The periodic report's key in Locust's worker -> master stats message.
 REPORT_KEY = "parley"
+# Files a process keeps beside its users' sockets (logs, zmq, the users file, Python's own).
+FD_SLACK = 200
 # Source addresses given as a range: more than a /16 of loopback is surely a typo.
 MAX_SOURCE_ADDRESSES = 65536
 
@@ -98,6 +102,7 @@ class Coordinator:
         self.users: dict[int, bool] = {}
         self.verify_started = 0.0
         self._pool: UsersPool | None = None
+        self.logged_in = 0  # users logged in so far (--login)
         self._pool_lock = Semaphore()
         # Master (or local run): the final counts of each process, by node id.
         self.final: dict[str, dict[str, object]] = {}
@@ -105,15 +110,41 @@ class Coordinator:
 
     # --- users ----------------------------------------------------------------------------------
 
+    def share(self) -> tuple[int, int]:
+        """(this process's share, shares): worker `w` of `--expect-workers` takes users w, w + n, ...
+        A worker that restarts mid-run gets a new index from the master, so it takes the same
+        share as a live one: the same users, twice (Parley allows a user several sockets)."""
+        runner = self.environment.runner
+        shares = max(1, int(getattr(self.options, "expect_workers", 1) or 1)) if _is_worker(runner) else 1
+        return max(0, getattr(runner, "worker_index", 0)) % shares, shares
+
+    def take_user(self) -> UserRecord:
+        """A record for a starting user: from the users file, or logged in (`--login`)."""
+        if self.options.login:
+            prefix, password = parse_login(self.options.login)
+            share, shares = self.share()
+            index = share + shares * self.logged_in
+            self.logged_in += 1
+            host = (self.environment.host or "").split(",")[0].strip()
+            return log_in(host, prefix, password, index)
+        return self.pool().take()
+
+    def give_back(self, record: UserRecord) -> None:
+        if self._pool is not None:
+            self._pool.give_back(record)
+
     def pool(self) -> UsersPool:
         with self._pool_lock:  # the first users start together: read the file once
             if self._pool is None:
-                runner = self.environment.runner
-                shares = max(1, int(getattr(self.options, "expect_workers", 1) or 1)) if _is_worker(runner) else 1
-                share = max(0, getattr(runner, "worker_index", 0)) % shares
+                share, shares = self.share()
                 self._pool = UsersPool(self.options.token_file, share, shares)
                 log.info("users file %s: %d users for share %d of %d", self.options.token_file,
                          len(self._pool.free), share, shares)
+                soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                if len(self._pool.free) + FD_SLACK > soft:
+                    # A socket per user: past the limit, connects fail with EMFILE.
+                    log.warning("this process may start %d users but may open %d files: raise the hard "
+                                "limit (ulimit -Hn) or add workers", len(self._pool.free), soft)
             return self._pool
 
     def source_address(self, index: int) -> str | None:

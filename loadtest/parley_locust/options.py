@@ -17,6 +17,9 @@ def add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("Parley", "Parley's WebSocket load test (loadtest/locustfile.py)")
     group.add_argument("--token-file", env_var="PARLEY_LT_TOKEN_FILE", default="var/loadtest/users.jsonl",
                        help="users file written by `bin/parley manage loadtest_users` (JSON Lines, one user per line)")
+    group.add_argument("--login", env_var="PARLEY_LT_LOGIN", default="",
+                       help="without a users file: <username prefix>:<password> of existing accounts "
+                            "(<prefix>0000000, <prefix>0000001, ...), logged in over the HTTP API")
     group.add_argument("--mix", env_var="PARLEY_LT_MIX", default=DEFAULT_MIX,
                        help="share of users per behaviour: idle, group, dm, bot (percent, comma-separated)")
     group.add_argument("--message-rate", env_var="PARLEY_LT_MESSAGE_RATE", type=float, default=DEFAULT_MESSAGE_RATE,

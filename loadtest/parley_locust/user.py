@@ -74,7 +74,7 @@ class ParleyUser(User):
 
     def on_start(self) -> None:
         self.co.users[id(self)] = False
-        self.record = self.co.pool().take()
+        self.record = self.co.take_user()
         self.plan = plan_for(self.record, self.co.mix, self.rng)
         now = time.monotonic()
         options = self.co.options
@@ -97,7 +97,7 @@ class ParleyUser(User):
             self.conn.close()
             self.conn = None
         if self.record is not None:
-            self.co.pool().give_back(self.record)
+            self.co.give_back(self.record)
             self.record = None
 
     @task

@@ -201,6 +201,8 @@ def test_the_handshake_guard_keeps_each_worker_under_the_platforms_throttle() ->
     template(*COST, "--set", "locust.rampRate=41", "--set", "platform.protocolPods=3")
     template(*COST, "--set", "locust.rampRate=41", "--set", "platform.handshakesPerSecond=20.5")
     assert template(*COST, "--set", "locust.rampRate=41", "--set", "workers.replicas=3").returncode == 0
+    # A platform that exempts the load pods (its handshakeLimit.exempt) does not hold the ramp back.
+    assert template(*COST, "--set", "locust.rampRate=200", "--set", "platform.exemptsLoad=true").returncode == 0
 
 
 def test_workers_are_sized_from_the_measured_cost_per_1000_users() -> None:

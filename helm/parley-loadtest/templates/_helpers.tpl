@@ -97,8 +97,8 @@ limits:
      (chat/throttle.py); one worker pod is one address, its connections spread over the pods. */ -}}
 {{- $pods := int .Values.platform.protocolPods -}}
 {{- $perPod := divf $perWorker (float64 $pods) -}}
-{{- if gt $perPod (float64 .Values.platform.handshakesPerSecond) -}}
-{{- fail (printf "locust.rampRate %v users/s over %d workers and %d protocol pods is %.1f handshakes/s from one worker's address to one protocol process, above the platform's limit of %v per address (PARLEY_HANDSHAKES_PER_SECOND; beyond its burst the platform refuses sockets with 4029 rate_limited). Add workers, lower locust.rampRate, or start the platform with more protocol pods (platform.protocolPods is its protocol.minReplicas)" .Values.locust.rampRate $workers $pods $perPod .Values.platform.handshakesPerSecond) -}}
+{{- if and (not .Values.platform.exemptsLoad) (gt $perPod (float64 .Values.platform.handshakesPerSecond)) -}}
+{{- fail (printf "locust.rampRate %v users/s over %d workers and %d protocol pods is %.1f handshakes/s from one worker's address to one protocol process, above the platform's limit of %v per address (PARLEY_HANDSHAKES_PER_SECOND; beyond its burst the platform refuses sockets with 4029 rate_limited). Add workers, lower locust.rampRate, start the platform with more protocol pods (platform.protocolPods is its protocol.minReplicas), or exempt the load pods on the platform (its handshakeLimit.exempt) and set platform.exemptsLoad=true" .Values.locust.rampRate $workers $pods $perPod .Values.platform.handshakesPerSecond) -}}
 {{- end -}}
 {{- $users := int (include "parley-loadtest.usersPerWorker" .) -}}
 {{- /* Linux's default ip_local_port_range (32768-60999) gives one pod 28,232 source ports towards
