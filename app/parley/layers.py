@@ -8,6 +8,15 @@ What changes against `channels_redis.core.RedisChannelLayer`:
 - Each shard gets a `BlockingConnectionPool` sized by `PARLEY_REDIS_POOL_SIZE`: a burst waits for
   a connection instead of failing with MaxConnectionsError; and a socket timeout longer than the
   5 s blocking receive (redis-py 8's default of 5 s breaks idle receives).
+- Sends made in one turn of the event loop go out together, one pipeline per shard
+  (`SendPipeline`). Sent one by one, every send waiting at once held a connection of its own: a
+  protocol process whose loop fell behind for a moment (a collection, a burst of deliveries)
+  found dozens of its sockets' `send` frames ready together, and the pool opened a new Redis
+  connection for each, ~1 ms of the event loop apiece (redis-py builds each one's client info
+  through `importlib.metadata`, then connects and handshakes). That stalled the loop further, so
+  more sends piled up behind it: 40-100 new connections within 0.3 s, loop stalls of 100-200 ms,
+  deliveries up to 0.5 s late, and `make bench` failing Parley on Daphne at 10,000-16,000
+  deliveries/s with the process at 55-60 % of a core (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -15,7 +24,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+import weakref
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, NamedTuple
 
 from channels.exceptions import ChannelFull
 from channels_redis.core import RedisChannelLayer
@@ -38,6 +50,69 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
+# Sends per pipeline: a protocol process's burst (a `send` frame from each of its sending sockets)
+# fits in one; at ~300 bytes a message, a pipeline stays near 150 KB.
+SEND_BATCH_MAX = 500
+
+
+class PendingSend(NamedTuple):
+    """One `send`, as the send script takes it."""
+
+    key: str
+    payload: bytes
+    score: float
+    expired_before: int
+    capacity: int
+
+
+class SendPipeline:
+    """The sends made to one shard in one turn of the event loop, written together at the start
+    of the next turn on one connection, each answered with its own result.
+
+    Not `chat.coalesce` (one batch out at a time, the rest wait for its reply): a send never
+    waits for an earlier pipeline, so it is written one turn after it is made, as before, and a
+    turn that a stall filled with sends costs one connection and one round trip, not one each.
+    """
+
+    def __init__(self, run: Callable[[list[PendingSend]], Awaitable[list[Any]]]) -> None:
+        self.run = run
+        self.waiting: list[tuple[PendingSend, asyncio.Future[Any]]] = []
+        # Pipelines being written or waiting for their reply (the loop keeps only weak references).
+        self.writing: set[asyncio.Task[None]] = set()
+
+    async def send(self, pending: PendingSend) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self.waiting:
+            self._start()
+        self.waiting.append((pending, future))
+        # A sender cancelled meanwhile cancels only its own future: the pipeline still goes out
+        # for the others (and may carry its message, as a command already written always could).
+        return await future
+
+    def _start(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._write())
+        self.writing.add(task)
+        task.add_done_callback(self.writing.discard)
+
+    async def _write(self) -> None:
+        batch, self.waiting = self.waiting[:SEND_BATCH_MAX], self.waiting[SEND_BATCH_MAX:]
+        if self.waiting:
+            self._start()
+        try:
+            results = await self.run([pending for pending, _ in batch])
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+                    future.exception()  # a sender that went away need not have read it: no log
+        except BaseException:
+            for _, future in batch:
+                future.cancel()
+            raise
+        else:
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
 
 class ParleyChannelLayer(RedisChannelLayer):
@@ -52,6 +127,10 @@ class ParleyChannelLayer(RedisChannelLayer):
         self.shard_ids = [str(h.get("address", h)) for h in self.hosts]
         # Named channels have a fixed home shard (see receive_single); no round robin.
         self._receive_index_generator = None
+        # Per event loop (as channels-redis' pools), per shard index.
+        self._pipelines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, SendPipeline]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def create_pool(self, index: int) -> aioredis.ConnectionPool:
         host = dict(self.hosts[index])
@@ -77,9 +156,13 @@ class ParleyChannelLayer(RedisChannelLayer):
         return shard_index(self.shard_ids, inbox_key(value))
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
-        """channels-redis' send in one round trip (it makes four: trim, count, add, expire).
+        """channels-redis' send as one script (it makes four round trips: trim, count, add,
+        expire), pipelined with the other sends waiting at the same time (module docstring).
 
-        Same key layout, same capacity and expiry rules; the protocol process pays it per `send`.
+        Same key layout, same capacity and expiry rules, each send answered on its own (a full
+        channel refuses only the sends beyond its capacity); a Redis error reaches every send of
+        its pipeline. A sender cancelled while waiting may still have its message sent, as one
+        cancelled after writing its command always could.
         """
         assert isinstance(message, dict), "message is not a dict"
         assert self.require_valid_channel_name(channel), "Channel name not valid"
@@ -89,12 +172,29 @@ class ParleyChannelLayer(RedisChannelLayer):
             message = {**message, "__asgi_channel__": channel}
             key_name = self.non_local_name(channel)
         now = time.time()
-        added = await self.connection(self.consistent_hash(channel)).eval(
-            _SEND_SCRIPT, 1, self.prefix + key_name,
-            self.serialize(message), now, int(now) - int(self.expiry), self.get_capacity(channel), int(self.expiry),
-        )
-        if not added:
+        pending = PendingSend(self.prefix + key_name, self.serialize(message), now, int(now) - int(self.expiry),
+                              self.get_capacity(channel))
+        if not await self._pipeline(self.consistent_hash(channel)).send(pending):
             raise ChannelFull()
+
+    def _pipeline(self, index: int) -> SendPipeline:
+        pipelines = self._pipelines.setdefault(asyncio.get_running_loop(), {})
+        pipeline = pipelines.get(index)
+        if pipeline is None:
+            pipeline = pipelines[index] = SendPipeline(partial(self._run_sends, index))
+        return pipeline
+
+    async def _run_sends(self, index: int, sends: list[PendingSend]) -> list[Any]:
+        """The send script for each of `sends`, in order, in one round trip to shard `index`."""
+        connection = self.connection(index)
+        expiry = int(self.expiry)
+        if len(sends) == 1:  # a quiet moment: a pipeline of one costs ~30 us more than the call
+            send = sends[0]
+            return [await connection.eval(_SEND_SCRIPT, 1, *send, expiry)]
+        pipe = connection.pipeline(transaction=False)
+        for send in sends:
+            pipe.eval(_SEND_SCRIPT, 1, *send, expiry)
+        return await pipe.execute()
 
     async def receive_batch(self, channel: str, limit: int, timeout: float) -> list[dict[str, Any]]:
         """Up to `limit` messages of a named channel in order; [] after `timeout` s with none.
