@@ -717,9 +717,11 @@ def sandbox(base: Path, env: dict[str, str], *, net: bool = False, users_writabl
     argv = ["bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
             "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
             "--ro-bind", "/etc", "/etc", "--ro-bind", str(base / "hosts"), "/etc/hosts",
-            "--ro-bind", str(ROOT), str(ROOT), "--ro-bind", str(imagekit.BASE_PYTHON), str(imagekit.BASE_PYTHON),
             "--dev", "/dev", "--proc", "/proc",
-            "--bind", str(base / "tmp"), "/tmp", "--bind", str(base / "reports"), "/reports",
+            "--bind", str(base / "tmp"), "/tmp",
+            # After /tmp: a checkout under /tmp (a CI clone) would be hidden by the pod's /tmp.
+            "--ro-bind", str(ROOT), str(ROOT), "--ro-bind", str(imagekit.BASE_PYTHON), str(imagekit.BASE_PYTHON),
+            "--bind", str(base / "reports"), "/reports",
             "--bind" if users_writable else "--ro-bind", str(base / "users"), "/users",
             "--ro-bind", str(base / "loadtest"), "/loadtest",
             "--remount-ro", "/", *([] if net else ["--unshare-net"]),
