@@ -118,26 +118,27 @@ def _dig(doc: Mapping[str, Any], path: list[str], where: str) -> Any:
     return node
 
 
-def _bench(doc: Documents, *path: str) -> Reading:
+def _section(doc: Documents, key: str, make: str, script: str) -> Mapping[str, Any]:
+    """docs/benchmarks.json's `key` section ("bench" or "worker"), or Missing with what to run."""
     where = relative(doc.bench_path)
     if doc.bench is None:
-        raise Missing(f"{where} does not exist: run `make bench` with --record (loadtest/bench.py)")
-    section = doc.bench.get("bench")
+        raise Missing(f"{where} does not exist: run `{make}` with --record (loadtest/{script})")
+    section = doc.bench.get(key)
     if not isinstance(section, Mapping):
-        raise Missing(f"{where} has no \"bench\" key: run `.venv/bin/python loadtest/bench.py --record`")
+        raise Missing(f"{where} has no \"{key}\" key: run `.venv/bin/python loadtest/{script} --record`")
+    return section
+
+
+def _bench(doc: Documents, *path: str) -> Reading:
+    where = relative(doc.bench_path)
+    section = _section(doc, "bench", "make bench", "bench.py")
     value = _number(_dig(section, list(path), f"{where} bench"), f"{where} bench.{'.'.join(path)}")
     record = f"{where} bench: make bench, {section.get('when', '?')}, {section.get('git', '?')}"
     return Reading(value, MEASURED, f"{where} bench.{'.'.join(path)}", record)
 
 
 def _worker_section(doc: Documents) -> Mapping[str, Any]:
-    where = relative(doc.bench_path)
-    if doc.bench is None:
-        raise Missing(f"{where} does not exist: run `make bench-worker` with --record (loadtest/worker_bench.py)")
-    section = doc.bench.get("worker")
-    if not isinstance(section, Mapping):
-        raise Missing(f"{where} has no \"worker\" key: run `.venv/bin/python loadtest/worker_bench.py --record`")
-    return section
+    return _section(doc, "worker", "make bench-worker", "worker_bench.py")
 
 
 def _worker_reading(doc: Documents, section: Mapping[str, Any], value: float, what: str) -> Reading:

@@ -183,7 +183,7 @@ def run_locust(hosts: list[str], users_file: Path, out_dir: Path, users: int, ra
 
 def _parts(stack: Stack | None, locust_pid: int) -> dict[str, object]:
     def of(prefix: str) -> object:
-        return lambda: [pid for proc in (stack.processes if stack else []) if _name(stack, proc).startswith(prefix)
+        return lambda: [pid for proc in (stack.processes if stack else []) if _name(proc).startswith(prefix)
                         for pid in _children(proc.pid)]
 
     return {
@@ -195,7 +195,7 @@ def _parts(stack: Stack | None, locust_pid: int) -> dict[str, object]:
     }
 
 
-def _name(stack: Stack | None, proc: subprocess.Popen[bytes]) -> str:
+def _name(proc: subprocess.Popen[bytes]) -> str:
     args = proc.args if isinstance(proc.args, list) else [str(proc.args)]
     return "protocol" if "protocol" in args else "worker" if "worker" in args else ""
 

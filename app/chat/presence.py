@@ -269,7 +269,6 @@ class PresenceBook:
 
     async def _settle(self, due: list[Leaving]) -> None:
         gone = [leaving for leaving in due if self.local.get((leaving.room, leaving.user), 0) == 0]
-        offline: list[Leaving] = []
         for shard_items in _by_shard(gone, lambda leaving: leaving.room).values():
             client = client_for(_shard_key(shard_items[0].room))
             pipe = client.pipeline(transaction=False)
@@ -278,9 +277,7 @@ class PresenceBook:
                           leaving.bound)
             for leaving, removed in zip(shard_items, await pipe.execute(), strict=True):
                 if removed and leaving.announce:
-                    offline.append(leaving)
-        for leaving in offline:
-            self.news.add(leaving.room, leaving.user, leaving.username, "offline")
+                    self.news.add(leaving.room, leaving.user, leaving.username, "offline")
 
     def announce_online(self, rooms: Iterable[int], user: int, username: str) -> None:
         """Tell the rooms' members the user came online (with the window's other changes)."""

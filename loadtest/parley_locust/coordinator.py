@@ -100,7 +100,6 @@ class Coordinator:
         # The users of this process that are up (started, not stopped), and whether each has done
         # its end-of-run check: the process reports when every one of them has.
         self.users: dict[int, bool] = {}
-        self.verify_started = 0.0
         self._pool: UsersPool | None = None
         self.logged_in = 0  # users logged in so far (--login)
         self._pool_lock = Semaphore()
@@ -157,7 +156,6 @@ class Coordinator:
         if self.verifying:
             return
         self.verifying = True
-        self.verify_started = time.monotonic()
         gevent.spawn(self._report_when_verified)
 
     def unverified(self) -> int:
@@ -169,7 +167,7 @@ class Coordinator:
             gevent.sleep(0.2)
         if self.unverified():
             log.warning("%d users did not finish their check in time", self.unverified())
-            self.totals.errors["unverified"] = self.totals.errors.get("unverified", 0) + self.unverified()
+            self.totals.add_error("unverified", self.unverified())
         self.environment.runner.send_message(VERIFIED, self.totals.as_dict())
 
     def on_verified(self, node: str, totals: dict[str, object]) -> None:

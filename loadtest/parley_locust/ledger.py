@@ -52,8 +52,8 @@ class Totals:
     errors: dict[str, int] = field(default_factory=dict)  # error frames by code
     closes: dict[str, int] = field(default_factory=dict)  # server closes by code
 
-    def add_error(self, code: str) -> None:
-        self.errors[code] = self.errors.get(code, 0) + 1
+    def add_error(self, code: str, count: int = 1) -> None:
+        self.errors[code] = self.errors.get(code, 0) + count
 
     def add_close(self, code: int | None) -> None:
         key = str(code)
