@@ -70,5 +70,5 @@ async def test_the_worker_and_the_operator_count_the_same_queue_depth():
         snapshot = await reader.read([channel], now=now)
     finally:
         await reader.close()
-    assert await layer.queue_depth(channel, now=now) == 8
+    assert await layer.queue_depth(channel) == 8
     assert snapshot.queue_depth[channel] + snapshot.in_flight[channel] == snapshot.worker_load == 8

@@ -118,3 +118,29 @@ async def test_concurrent_sends_over_two_shards_reach_their_receivers():
             # (Sends made in the same instant may share a score: compare what arrived, not its order.)
             assert sorted((m["n"], m["k"]) for m in got) == [(n, k) for k in range(5)]
         await layer.flush()
+
+
+async def test_a_process_with_a_skewed_clock_neither_drops_nor_jumps_the_others_sends(server, monkeypatch):
+    """Queue order and expiry go by Redis's clock. channels-redis scored a message with the sending
+    process's time.time() and dropped entries older than that process's now - expiry: a process
+    90 s ahead deleted what the others had queued, and its own sends sorted after theirs."""
+    import time
+
+    layer = ParleyChannelLayer(hosts=[server.url])
+    real_time = time.time
+    await layer.send(CHANNEL, {"type": "persist.message", "n": 1})  # a process with a good clock
+    monkeypatch.setattr(time, "time", lambda: real_time() + 90)  # this one runs 90 s ahead
+    await layer.send(CHANNEL, {"type": "persist.message", "n": 2})
+    monkeypatch.setattr(time, "time", real_time)
+    await layer.send(CHANNEL, {"type": "persist.message", "n": 3})
+    got = await drain(layer, 3)
+    assert [m["n"] for m in got] == [1, 2, 3]
+    await layer.flush()
+
+
+async def test_a_burst_is_received_in_the_order_it_was_sent(server):
+    layer = ParleyChannelLayer(hosts=[server.url], capacity=1000)
+    await asyncio.gather(*(layer.send(CHANNEL, {"type": "persist.message", "n": n}) for n in range(300)))
+    got = await drain(layer, 300)
+    assert [m["n"] for m in got] == list(range(300))
+    await layer.flush()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import weakref
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -40,15 +39,33 @@ from parley.sharding import inbox_key, shard_index
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] channel key; ARGV: payload, score, expired-before, capacity, expiry seconds.
+# KEYS[1] channel key; ARGV: payload, capacity, expiry seconds.
+# The score is Redis's own clock (TIME), never the sender's: channels-redis scores a message with
+# the sending process's time.time() and drops entries older than that process's now - expiry, so
+# a process whose clock ran 90 s ahead deleted every other process's queued messages, and one 90 s
+# behind had its own deleted by the others' sends (tests/test_layer_sends.py, the clock_skew fault
+# case). With one clock, scores follow the order Redis ran the sends in; a send in the same
+# microsecond as the newest entry goes one microsecond after it, so ties never reorder.
 _SEND_SCRIPT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[3])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+local now = redis.call('TIME')
+local seconds = tonumber(now[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, seconds - tonumber(ARGV[3]))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
     return 0
 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
+local score = seconds + tonumber(now[2]) / 1000000
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if newest[2] and tonumber(newest[2]) >= score then
+    score = tonumber(newest[2]) + 0.000001
+end
+redis.call('ZADD', KEYS[1], string.format('%.6f', score), ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
+"""
+# A named channel's live depth by Redis's clock (the same cut-off the send script applies).
+_DEPTH_SCRIPT = """
+local cutoff = '(' .. (tonumber(redis.call('TIME')[1]) - tonumber(ARGV[1]))
+return redis.call('ZCOUNT', KEYS[1], cutoff, '+inf') + redis.call('ZCOUNT', KEYS[2], cutoff, '+inf')
 """
 # Sends per pipeline: a protocol process's burst (a `send` frame from each of its sending sockets)
 # fits in one; at ~300 bytes a message, a pipeline stays near 150 KB.
@@ -60,8 +77,6 @@ class PendingSend(NamedTuple):
 
     key: str
     payload: bytes
-    score: float
-    expired_before: int
     capacity: int
 
 
@@ -171,9 +186,7 @@ class ParleyChannelLayer(RedisChannelLayer):
         if "!" in channel:
             message = {**message, "__asgi_channel__": channel}
             key_name = self.non_local_name(channel)
-        now = time.time()
-        pending = PendingSend(self.prefix + key_name, self.serialize(message), now, int(now) - int(self.expiry),
-                              self.get_capacity(channel))
+        pending = PendingSend(self.prefix + key_name, self.serialize(message), self.get_capacity(channel))
         if not await self._pipeline(self.consistent_hash(channel)).send(pending):
             raise ChannelFull()
 
@@ -222,18 +235,14 @@ class ParleyChannelLayer(RedisChannelLayer):
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 delay = await _wait_out_outage(channel, exc, delay)
 
-    async def queue_depth(self, channel: str, now: float | None = None) -> int:
+    async def queue_depth(self, channel: str) -> int:
         """Messages waiting on a named channel, as the operator counts them
-        (`parley_operator.metrics`): live entries only (a score newer than the expiry cut-off
-        channels-redis applies at the next send), plus any left in its backup queue by a
-        receive that was killed (the next generic receive puts them back)."""
+        (`parley_operator.metrics`): live entries only (a score newer than the expiry cut-off the
+        next send applies, by Redis's clock), plus any left in its backup queue by a receive that
+        was killed (the next generic receive puts them back)."""
         key = self.prefix + channel
-        cutoff = f"({int(now if now is not None else time.time()) - int(self.expiry)}"
-        pipe = self.connection(self.consistent_hash(channel)).pipeline(transaction=False)
-        pipe.zcount(key, cutoff, "+inf")
-        pipe.zcount(key + "$inflight", cutoff, "+inf")
-        waiting, in_backup = await pipe.execute()
-        return int(waiting) + int(in_backup)
+        connection = self.connection(self.consistent_hash(channel))
+        return int(await connection.eval(_DEPTH_SCRIPT, 2, key, key + "$inflight", int(self.expiry)))
 
     async def receive(self, channel: str) -> dict[str, Any]:
         """Wait out Redis outages instead of raising.
