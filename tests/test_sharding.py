@@ -140,7 +140,7 @@ async def test_a_batchs_frames_are_published_before_its_acks_on_one_shard_or_sev
     try:
         await fanout.publish_then_reply(
             [(room, 1, f'{{"room":{room}}}') for room in rooms],
-            [(f"{pid}|{n}", f'{{"ack":{n}}}') for n, pid in enumerate(pids)],
+            [(rooms[n], f"{pid}|{n}", f'{{"ack":{n}}}') for n, pid in enumerate(pids)],
         )
         seen = [await _received(pubsub, len(by_shard[n])) for n, (_, pubsub) in enumerate(subscribers)]
     finally:
@@ -154,3 +154,37 @@ async def test_a_batchs_frames_are_published_before_its_acks_on_one_shard_or_sev
     if shards == 1:  # one connection sees them in the order they were sent: frames, then acks
         kinds = [name.startswith(contract.room_topic_prefix()) for name, _ in seen[0]]
         assert kinds == [True] * len(rooms) + [False] * len(pids)
+
+
+async def test_a_lost_shard_withholds_its_own_rooms_acks_and_no_others(monkeypatch):
+    """A batch with rooms on both shards while one is down: the healthy shard's rooms get their
+    frames and their senders their acks (through the healthy shard, even for a process whose
+    topic lives on the lost one); only the lost shard's messages go unacked, to be retried."""
+    from chat import contract, fanout, redis_pool
+
+    servers = [EmbeddedRedis().start(), EmbeddedRedis().start()]
+    urls = [s.url for s in servers]
+    monkeypatch.setattr(redis_pool, "shard_urls", lambda: urls)
+    monkeypatch.setattr(fanout, "shard_urls", lambda: urls)
+    healthy = [r for r in range(1, 100) if shard_index(urls, contract.room_topic(r)) == 0][:3]
+    lost = [r for r in range(1, 100) if shard_index(urls, contract.room_topic(r)) == 1][:3]
+    pid = next(f"proc-{n}" for n in range(100) if shard_index(urls, contract.process_topic(f"proc-{n}")) == 1)
+    topics = [contract.room_topic(r) for r in healthy] + [contract.process_topic(pid)]
+    client, pubsub = await _subscribed(urls[0], topics)
+    try:
+        servers[1].stop()
+        rooms = healthy + lost
+        withheld = await fanout.publish_then_reply(
+            [(room, 1, f'{{"room":{room}}}') for room in rooms],
+            [(room, f"{pid}|{n}", f'{{"ack":{n}}}') for n, room in enumerate(rooms)],
+        )
+        got = await _received(pubsub, len(healthy) + 1)
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+        for server in servers:
+            server.stop()
+    assert withheld == len(lost)
+    assert sorted(name for name, _ in got) == sorted(topics)
+    replies = [payload for name, payload in got if name == contract.process_topic(pid)]
+    assert replies == [contract.encode_reply_payload([(str(n), f'{{"ack":{n}}}') for n in range(len(healthy))])]

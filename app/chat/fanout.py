@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 
 from chat import contract, metrics
 from chat.process import process_id, raise_if_cancelling
-from chat.redis_pool import client_for, redact, shard_urls
+from chat.redis_pool import client_for, clients, redact, shard_urls
 from parley.sharding import shard_index
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ class Member(Protocol):
 
 
 async def publish_replies(replies: Iterable[tuple[str, str]]) -> None:
-    """Send `(reply address, frame JSON)` pairs to their processes, one round trip per shard."""
-    await _publish_by_shard(_reply_messages(replies))
+    """Send `(reply address, frame JSON)` pairs to their processes, one round trip per shard; a
+    shard that fails is replaced by another (every process reads its topic on every shard)."""
+    await _publish_replies(_reply_messages(replies))
 
 
 def _reply_messages(replies: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -80,17 +81,53 @@ def _room_messages(items: Iterable[tuple[int, int | None, str]]) -> list[tuple[s
             for room, seq, frame_json in items]
 
 
-async def publish_then_reply(items: list[tuple[int, int | None, str]], replies: list[tuple[str, str]]) -> None:
-    """A stored batch's frames to its rooms, then its acks to the senders' processes: a sender who
-    sees its ack can count on its room having been sent the message. On one shard, one pipeline
-    in that order (Redis runs a connection's commands in order), not two round trips: the second
-    was ~40 % of the worker's Redis time (py-spy). Over shards, rooms first, then acks."""
-    rooms, acks = _room_messages(items), _reply_messages(replies)
-    if len(shard_urls()) == 1:
-        await _publish_by_shard(rooms + acks)
-        return
-    await _publish_by_shard(rooms)
-    await _publish_by_shard(acks)
+async def publish_then_reply(
+    items: list[tuple[int, int | None, str]], replies: list[tuple[int | None, str, str]]
+) -> int:
+    """A stored batch's frames to its rooms, then its replies `(room or None, address, frame)` to
+    the senders' processes. Returns how many replies were withheld.
+
+    A message's ack goes only once its frame reached its room's shard: a sender who sees its ack
+    can count on the room having been sent the message. If that shard fails, the ack is withheld
+    and the sender retries (same client_msg_id): the retry is stored as a duplicate and published
+    again, so a message the room's subscribers never got cannot be acked into silence. Shards are
+    independent: one that is down or slow costs only its own rooms (their frames and acks), not
+    the acks of rooms on healthy shards in the same batch.
+
+    On one shard, frames then acks in one pipeline (Redis runs a connection's commands in order),
+    not two round trips: the second was ~40 % of the worker's Redis time (py-spy)."""
+    urls = shard_urls()
+    if len(urls) == 1:
+        try:
+            await _publish_pipeline(0, _room_messages(items) + _reply_messages((a, f) for _, a, f in replies))
+        except (RedisError, OSError):
+            log.warning("publishing a batch failed; %d replies withheld, senders will retry", len(replies))
+            return len(replies)
+        return 0
+    rooms_by_shard: dict[int, list[tuple[int, int | None, str]]] = {}
+    for item in items:
+        rooms_by_shard.setdefault(shard_index(urls, contract.room_topic(item[0])), []).append(item)
+    replies_by_shard: dict[int | None, list[tuple[str, str]]] = {}
+    for room, address, frame_json in replies:
+        shard = None if room is None else shard_index(urls, contract.room_topic(room))
+        replies_by_shard.setdefault(shard if shard in rooms_by_shard else None, []).append((address, frame_json))
+
+    async def shard_then_replies(shard: int, its_items: list[tuple[int, int | None, str]]) -> int:
+        its_replies = replies_by_shard.get(shard, [])
+        try:
+            await _publish_pipeline(shard, _room_messages(its_items))
+        except (RedisError, OSError) as exc:
+            log.warning("publishing to shard %d failed (%s); %d replies withheld, senders will retry",
+                        shard, type(exc).__name__, len(its_replies))
+            return len(its_replies)
+        await _publish_replies(_reply_messages(its_replies))
+        return 0
+
+    withheld = await asyncio.gather(
+        *(shard_then_replies(shard, its_items) for shard, its_items in rooms_by_shard.items()),
+        _publish_replies(_reply_messages(replies_by_shard.get(None, []))),
+    )
+    return sum(n or 0 for n in withheld)
 
 
 async def publish(room: int, seq: int | None, frame_json: str) -> None:
@@ -110,11 +147,40 @@ async def _publish_by_shard(messages: list[tuple[str, str]]) -> None:
     urls = shard_urls()
     for name, payload in messages:
         by_shard.setdefault(shard_index(urls, name), []).append((name, payload))
-    for batch in by_shard.values():
-        pipe = client_for(batch[0][0]).pipeline(transaction=False)
-        for name, payload in batch:
-            pipe.publish(name, payload)
-        await pipe.execute()
+    for shard, batch in by_shard.items():
+        await _publish_pipeline(shard, batch)
+
+
+async def _publish_pipeline(shard: int, messages: list[tuple[str, str]]) -> None:
+    if not messages:
+        return
+    pipe = clients()[shard].pipeline(transaction=False)
+    for name, payload in messages:
+        pipe.publish(name, payload)
+    await pipe.execute()
+
+
+async def _publish_replies(messages: list[tuple[str, str]]) -> None:
+    """Replies to process topics: on their own shard, or on the next that answers (a process reads
+    its topic on every shard). A reply no shard took is lost; its sender retries after a timeout."""
+    if not messages:
+        return
+    urls = shard_urls()
+    by_shard: dict[int, list[tuple[str, str]]] = {}
+    for name, payload in messages:
+        by_shard.setdefault(shard_index(urls, name), []).append((name, payload))
+
+    async def to_any_shard(first: int, batch: list[tuple[str, str]]) -> None:
+        for attempt in range(len(urls)):
+            shard = (first + attempt) % len(urls)
+            try:
+                await _publish_pipeline(shard, batch)
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("replies to shard %d failed (%s)", shard, type(exc).__name__)
+        metrics.LOST_REPLIES.inc(len(batch))
+
+    await asyncio.gather(*(to_any_shard(shard, batch) for shard, batch in by_shard.items()))
 
 
 class ShardSubscriber:
@@ -130,6 +196,7 @@ class ShardSubscriber:
         self.waiting: dict[str, list[asyncio.Future[None]]] = {}
         self.last_seen = time.monotonic()
         self.connects = 0
+        self.resync_after: set[str] = set()  # subscriptions to confirm before rooms re-sync
         self.task = asyncio.get_running_loop().create_task(self._supervise(), name=f"bus:{url}")
 
     async def subscribe(self, name: str) -> None:
@@ -199,10 +266,12 @@ class ShardSubscriber:
         await connection.send_command("SUBSCRIBE", *topics)
         raise_if_cancelling()
         self.connects += 1
+        # Whatever was published while we were away is lost to pub/sub: the rooms catch up from
+        # the database, once the server has confirmed every subscription (`_handle`). Read before
+        # that, a message committed after the read and published before the SUBSCRIBE took effect
+        # would be in neither, and if it was the room's last, no later seq would reveal the hole.
+        self.resync_after = set(topics) if self.connects > 1 else set()
         self.connected.set()
-        if self.connects > 1:
-            # Whatever was published while we were away is lost to pub/sub: catch up from the DB.
-            self.bus.reset_rooms(self.topics)
         pinger = asyncio.get_running_loop().create_task(self._ping(connection))
         try:
             while True:
@@ -220,9 +289,14 @@ class ShardSubscriber:
             except Exception as exc:  # a payload Parley did not write: drop it, keep reading
                 self.bus.bad_payload(response[1], exc)
         elif kind == b"subscribe":
-            for future in self.waiting.pop(response[1].decode(), []):
+            name = response[1].decode()
+            for future in self.waiting.pop(name, []):
                 if not future.done():
                     future.set_result(None)
+            if self.resync_after:
+                self.resync_after.discard(name)
+                if not self.resync_after:
+                    self.bus.reset_rooms(self.topics)
 
     async def _ping(self, connection: Connection) -> None:
         # A half-open TCP connection looks like a quiet room; PING tells them apart.

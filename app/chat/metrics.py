@@ -32,3 +32,7 @@ SEND_FAILURES = Counter(
     "parley_send_failures_total", "Frames the server failed to write to an open socket (closed 4011)"
 )
 DROPPED_FRAMES = Counter("parley_dropped_frames_total", "Client frames dropped unread beyond the rate limit")
+ACKS_WITHHELD = Counter(
+    "parley_acks_withheld_total", "Acks not sent because the room's shard refused the message's frame (sender retries)"
+)
+LOST_REPLIES = Counter("parley_lost_replies_total", "Replies (acks, errors) no Redis shard accepted (sender retries)")

@@ -99,7 +99,7 @@ async def store_and_deliver(items: list[dict[str, Any]], store: Store) -> None:
     metrics.BATCH_SIZE.observe(len(items))
 
     publish: list[tuple[int, int | None, str]] = []
-    replies: list[tuple[str, str]] = []
+    replies: list[tuple[int | None, str, str]] = []  # (room whose publish it follows, address, frame)
     bot_jobs: list[dict[str, Any]] = []
     now = time.time()
     for outcome in outcomes:
@@ -116,16 +116,18 @@ async def store_and_deliver(items: list[dict[str, Any]], store: Store) -> None:
             else:
                 metrics.DUPLICATES.inc()
             if item.get("reply_to"):
-                replies.append((item["reply_to"], dumps({
+                replies.append((outcome.room, item["reply_to"], dumps({
                     "type": "ack", "client_msg_id": item["client_msg_id"], "room": outcome.room,
                     "seq": outcome.seq, "duplicate": outcome.status == "duplicate",
                 })))
             if outcome.bot_job is not None:
                 bot_jobs.append(outcome.bot_job)
         elif item.get("reply_to"):
-            replies.append(_error(item, outcome.code, outcome.message))
+            replies.append((None, *_error(item, outcome.code, outcome.message)))
     # Published before acked: a sender who sees its ack can count on members having been sent it.
-    await fanout.publish_then_reply(publish, replies)
+    withheld = await fanout.publish_then_reply(publish, replies)
+    if withheld:
+        metrics.ACKS_WITHHELD.inc(withheld)
     for job in bot_jobs:
         await send_with_retry(layer, BOT_CHANNEL, job)
 
@@ -149,6 +151,12 @@ def batcher() -> Batcher[Store]:
     if loop not in _batchers:
         _batchers[loop] = make_batcher()
     return _batchers[loop]
+
+
+def held_by_batcher() -> int:
+    """Messages this loop's batcher holds and has not handed to a store yet (0 if it has none)."""
+    found = _batchers.get(asyncio.get_running_loop())
+    return len(found.pending) if found is not None else 0
 
 
 class PersistConsumer(AsyncConsumer):
