@@ -7,7 +7,8 @@ promise of order:
 
 - a room is in at most one batch in flight: its next messages wait until that batch is stored,
   published and acked, then go in the next batch, in the order they arrived. Seqs therefore
-  follow arrival, and a sender's acks come in the order it sent;
+  follow arrival into this worker, and a sender's acks come in the order it sent (another
+  worker storing the same room at the same moment can still commit first);
 - at a trickle there is one batch in flight with everything that is waiting, so a quiet worker
   pays for one batch per receive, not one per store. A backlog is split over the idle stores by
   room, so a batch that touches every room does not leave the other stores idle behind it.
