@@ -40,7 +40,8 @@ from redis.exceptions import RedisError
 
 from chat import contract, metrics
 from chat.process import process_id, raise_if_cancelling
-from chat.redis_pool import client_for, clients, redact, shard_urls
+from chat.redis_pool import client_for, clients, drop_idle_connections, redact, shard_urls
+from parley.config import CONFIG
 from parley.sharding import shard_index
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,11 @@ log = logging.getLogger(__name__)
 SUBSCRIBE_TIMEOUT = 5.0
 # A flood of malformed payloads must not flood the log: one line per this many seconds.
 BAD_PAYLOAD_LOG_EVERY = 10.0
-PING_EVERY = 10.0
-DEAD_AFTER = 30.0
+# A shard silent for PARLEY_REDIS_TIMEOUT (6 s) is dead: the bus PINGs three times in that time,
+# so a healthy connection is never silent that long, and a half-open one is replaced (and its
+# rooms re-synced) within about that long.
+DEAD_AFTER = CONFIG.redis_timeout
+PING_EVERY = DEAD_AFTER / 3
 
 
 class BusUnavailable(Exception):
@@ -154,10 +158,15 @@ async def _publish_by_shard(messages: list[tuple[str, str]]) -> None:
 async def _publish_pipeline(shard: int, messages: list[tuple[str, str]]) -> None:
     if not messages:
         return
-    pipe = clients()[shard].pipeline(transaction=False)
+    client = clients()[shard]
+    pipe = client.pipeline(transaction=False)
     for name, payload in messages:
         pipe.publish(name, payload)
-    await pipe.execute()
+    try:
+        await pipe.execute()
+    except (RedisError, OSError):
+        await drop_idle_connections(client)
+        raise
 
 
 async def _publish_replies(messages: list[tuple[str, str]]) -> None:

@@ -39,7 +39,7 @@ def make_client(url: str) -> aioredis.Redis:
         timeout=CONFIG.redis_pool_timeout,
         socket_keepalive=True,
         socket_connect_timeout=5,
-        socket_timeout=10,
+        socket_timeout=CONFIG.redis_timeout,
         health_check_interval=30,
     )
     return aioredis.Redis(connection_pool=pool)
@@ -56,3 +56,10 @@ def clients() -> list[aioredis.Redis]:
 
 def client_for(key: str) -> aioredis.Redis:
     return clients()[shard_index(shard_urls(), key)]
+
+
+async def drop_idle_connections(client: aioredis.Redis) -> None:
+    """After a connection error or timeout: close the pool's idle connections too. A path that
+    went half-open took every connection opened before it, and each would otherwise cost its own
+    timeout when next used; new ones are opened on demand."""
+    await client.connection_pool.disconnect(inuse_connections=False)

@@ -79,6 +79,12 @@ class Config:
     # connection instead of raising MaxConnectionsError (redis-py 8's default at 100).
     redis_pool_size: int = field(default_factory=lambda: _int("PARLEY_REDIS_POOL_SIZE", 200))
     redis_pool_timeout: float = field(default_factory=lambda: _float("PARLEY_REDIS_POOL_TIMEOUT", 5.0))
+    # How long a Redis shard may leave a command, or the room bus's PINGs, unanswered before the
+    # connection counts as dead and is replaced. Parley's commands take microseconds and its
+    # blocking receives wait at most 2 s, so 6 s is a hung or half-open connection (a paused
+    # server, a dropped NAT entry), not a slow answer; the fault suite's redis_network case times
+    # how fast Parley recovers from black-holed connections with it (docs/reliability.md).
+    redis_timeout: float = field(default_factory=lambda: _float("PARLEY_REDIS_TIMEOUT", 6.0))
     channel_prefix: str = field(default_factory=lambda: os.environ.get("PARLEY_CHANNEL_PREFIX", "asgi"))
     channel_expiry: int = field(default_factory=lambda: _int("PARLEY_CHANNEL_EXPIRY", 60))
     # Capacity of each worker channel (messages waiting); beyond it senders get `busy`.

@@ -35,6 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chat.process import raise_if_cancelling
+from chat.redis_pool import drop_idle_connections
 from parley.sharding import inbox_key, shard_index
 
 log = logging.getLogger(__name__)
@@ -132,13 +133,19 @@ class SendPipeline:
 
 class ParleyChannelLayer(RedisChannelLayer):
     def __init__(
-        self, hosts: list[Any] | None = None, pool_size: int = 100, pool_timeout: float = 5.0, **kwargs: Any
+        self, hosts: list[Any] | None = None, pool_size: int = 100, pool_timeout: float = 5.0,
+        socket_timeout: float = 6.0, **kwargs: Any
     ) -> None:
         """`pool_size` connections per shard and event loop; a burst beyond it waits up to
-        `pool_timeout` s for one. Both come from CHANNEL_LAYERS' CONFIG, like every other option."""
+        `pool_timeout` s for one; a command unanswered for `socket_timeout` s fails and its
+        connection is dropped (`PARLEY_REDIS_TIMEOUT`). All come from CHANNEL_LAYERS' CONFIG."""
         super().__init__(hosts=hosts, **kwargs)
         self.pool_size = pool_size
         self.pool_timeout = pool_timeout
+        self.socket_timeout = socket_timeout
+        # channels-redis' generic receive blocks 5 s in BZPOPMIN; 2 s leaves a socket timeout of a
+        # few seconds room above it, so a half-open connection is noticed within that timeout.
+        self.brpop_timeout = min(self.brpop_timeout, max(1, int(socket_timeout / 3)))
         self.shard_ids = [str(h.get("address", h)) for h in self.hosts]
         # Named channels have a fixed home shard (see receive_single); no round robin.
         self._receive_index_generator = None
@@ -155,9 +162,9 @@ class ParleyChannelLayer(RedisChannelLayer):
             "timeout": self.pool_timeout,
             "health_check_interval": 30,
             "socket_keepalive": True,
-            # redis-py 8 defaults socket_timeout to 5 s: exactly channels-redis' BZPOPMIN timeout,
-            # so an idle receive would die with TimeoutError. Give blocking reads headroom.
-            "socket_timeout": 30,
+            # Above the longest blocking receive (brpop_timeout, a worker's 1 s receive_batch), so
+            # only a hung or half-open connection times out.
+            "socket_timeout": self.socket_timeout,
             "socket_connect_timeout": 5,
             **host,
         }
@@ -201,13 +208,17 @@ class ParleyChannelLayer(RedisChannelLayer):
         """The send script for each of `sends`, in order, in one round trip to shard `index`."""
         connection = self.connection(index)
         expiry = int(self.expiry)
-        if len(sends) == 1:  # a quiet moment: a pipeline of one costs ~30 us more than the call
-            send = sends[0]
-            return [await connection.eval(_SEND_SCRIPT, 1, *send, expiry)]
-        pipe = connection.pipeline(transaction=False)
-        for send in sends:
-            pipe.eval(_SEND_SCRIPT, 1, *send, expiry)
-        return await pipe.execute()
+        try:
+            if len(sends) == 1:  # a quiet moment: a pipeline of one costs ~30 us more than the call
+                send = sends[0]
+                return [await connection.eval(_SEND_SCRIPT, 1, *send, expiry)]
+            pipe = connection.pipeline(transaction=False)
+            for send in sends:
+                pipe.eval(_SEND_SCRIPT, 1, *send, expiry)
+            return await pipe.execute()
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            await drop_idle_connections(connection)
+            raise
 
     async def receive_batch(self, channel: str, limit: int, timeout: float) -> list[dict[str, Any]]:
         """Up to `limit` messages of a named channel in order; [] after `timeout` s with none.
@@ -233,6 +244,7 @@ class ParleyChannelLayer(RedisChannelLayer):
                 popped = await connection.bzpopmin(key, timeout=timeout)
                 return [] if popped is None else [self.deserialize(popped[1])]
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                await drop_idle_connections(connection)
                 delay = await _wait_out_outage(channel, exc, delay)
 
     async def queue_depth(self, channel: str) -> int:

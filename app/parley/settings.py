@@ -113,6 +113,7 @@ CHANNEL_LAYERS = {
             "channel_capacity": {name: CONFIG.worker_channel_capacity for name in WORKER_CHANNELS},
             "pool_size": CONFIG.redis_pool_size,
             "pool_timeout": CONFIG.redis_pool_timeout,
+            "socket_timeout": CONFIG.redis_timeout,
         },
     }
 }
