@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 REQUIREMENTS := requirements.txt requirements-dev.txt loadtest/requirements.txt $(wildcard operator/requirements*.txt)
 
-.PHONY: install run test lint bench bench-worker attacks loadtest-smoke browser-deps helm-deps clean
+.PHONY: install run test lint bench bench-worker attacks loadtest-smoke faults soak browser-deps helm-deps clean
 
 $(STAMP): $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,17 @@ browser-deps:
 	    echo "installing Debian's chromium for the browser test"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not found and cannot install it: the browser test will be skipped"; fi; }
+
+## faults: every fault case (docs/reliability.md) against real processes, one line each; the same
+## cases run in `make test` (tests/test_faults.py). FAULT_ARGS="--case redis_pause --record".
+faults: install
+	$(PY) -m faults $(FAULT_ARGS)
+
+## soak: random faults from the cases for DURATION seconds (default 600) on one cluster, then the
+## same check. The seed is printed; SEED=<n> replays a run. FAULT_ARGS="--record" records it.
+DURATION ?= 600
+soak: install
+	$(PY) -m faults --soak $(DURATION) $(if $(SEED),--seed $(SEED)) $(FAULT_ARGS)
 
 ## Chart and image checks (tests/chart): helm + kubectl from the npm package's Lambda layer
 ## (lib/layer.zip), checkov in a virtualenv of its own, Debian's bubblewrap for the image test.
