@@ -3,12 +3,21 @@
 Kubelet probes carry the pod IP as Host, which a restrictive ALLOWED_HOSTS refuses with 400:
 pods would never become ready. These two paths say nothing secret, so they are served to any
 Host, as plain ASGI, from the protocol process's event loop.
+
+Liveness is about this process alone: it fails only when the process should be gone (a drain
+nobody followed with a stop). Readiness is "can this process serve most rooms": the database and
+at least half the Redis shards answer, and it is not draining. One shard down takes its rooms
+away from every pod alike, so failing readiness for it would only empty the Service (and stall
+node drains behind the PodDisruptionBudget) without sending anyone to a better pod. The
+kubelet's thresholds (parley_operator.resources) absorb blips of the rest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -22,10 +31,33 @@ log = logging.getLogger(__name__)
 PATHS = ("/healthz", "/readyz")
 
 
+# Each dependency check gets this long, all of them at once, so that a hung backend (a shard
+# behind a dropped route, a database that accepts and never answers) costs the probe 1.5 s and
+# a 503 naming it, instead of the client's own 5-10 s socket timeouts and a probe timeout that
+# says nothing. The readiness probe's timeoutSeconds (parley_operator.resources) is above it.
+CHECK_TIMEOUT_SECONDS = 1.5
+
+# The database check runs in a thread (Django's ORM is synchronous): one still running from an
+# earlier probe is awaited again instead of stacking another thread behind it.
+_database_check: asyncio.Future[None] | None = None
+
+
 def _database_ok() -> None:
     close_old_connections()
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
+
+
+def _check_database() -> Awaitable[None]:
+    global _database_check
+    check = _database_check
+    if check is None or check.done() or check.get_loop() is not asyncio.get_running_loop():
+        check = _database_check = asyncio.ensure_future(sync_to_async(_database_ok)())
+        # Its error is reported by whichever probe awaited it in time; one that ended after every
+        # probe gave up must not be logged again as "exception never retrieved".
+        check.add_done_callback(lambda done: done.cancelled() or done.exception())
+    # shield: a check that times out keeps running in its thread, for the next probe to await.
+    return asyncio.shield(check)
 
 
 def liveness() -> tuple[int, dict[str, Any]]:
@@ -36,24 +68,39 @@ def liveness() -> tuple[int, dict[str, Any]]:
     return 200, {"status": "ok"}
 
 
+async def _answers(name: str, check: Callable[[], Awaitable[object]]) -> str:
+    try:
+        await asyncio.wait_for(check(), CHECK_TIMEOUT_SECONDS)
+        return "ok"
+    except Exception as exc:
+        log.warning("readiness: %s check failed: %s", name, type(exc).__name__)
+        return "error"
+
+
+def enough_shards(answering: int, shards: int) -> bool:
+    """At least half of the shards, and at least one: with 2 shards one may be down, with 3 one,
+    with 5 two. Fewer than half means most rooms (hashed over the shards) cannot be served."""
+    return answering >= 1 and 2 * answering >= shards
+
+
 async def readiness() -> tuple[int, dict[str, Any]]:
     """Each dependency as `ok` or `error`; the reason goes to the log, never to the caller."""
-    checks: dict[str, str] = {}
-    try:
-        await sync_to_async(_database_ok)()
-        checks["database"] = "ok"
-    except Exception as exc:
-        log.warning("readiness: database check failed: %s", type(exc).__name__)
-        checks["database"] = "error"
-    for index, client in enumerate(clients()):
-        try:
-            await client.ping()
-            checks[f"redis{index}"] = "ok"
-        except Exception as exc:
-            log.warning("readiness: Redis shard %d check failed: %s", index, type(exc).__name__)
-            checks[f"redis{index}"] = "error"
-    ready = all(v == "ok" for v in checks.values()) and not STATE.draining
-    status = "draining" if STATE.draining else ("ok" if ready else "unavailable")
+    shards = clients()
+    results = await asyncio.gather(
+        _answers("database", _check_database),
+        *(_answers(f"Redis shard {index}", client.ping) for index, client in enumerate(shards)),
+    )
+    checks: dict[str, str] = {"database": results[0]}
+    checks.update({f"redis{index}": result for index, result in enumerate(results[1:])})
+    answering = sum(result == "ok" for result in results[1:])
+    serving = checks["database"] == "ok" and enough_shards(answering, len(shards))
+    ready = serving and not STATE.draining
+    if STATE.draining:
+        status = "draining"
+    elif not serving:
+        status = "unavailable"
+    else:
+        status = "ok" if answering == len(shards) else "degraded"
     return (200 if ready else 503), {"status": status, "checks": checks}
 
 

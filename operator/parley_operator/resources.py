@@ -34,6 +34,41 @@ LOOPBACK_EXEMPT = ("127.0.0.0/8", "::1/128")
 
 Obj = dict[str, Any]
 
+# Probes of the protocol container (app/chat/health.py says what each path checks).
+# Readiness: every 5 s, out of the Service after 3 failures in a row (15 s), so a Redis failover
+# or a database blip does not empty the Service; a draining pod needs no probe to leave it (a
+# terminating pod's endpoint is not ready, and it turns late arrivals away with `reconnect`).
+# The app bounds each dependency check to 1.5 s (health.CHECK_TIMEOUT_SECONDS); the probe waits
+# a little longer, so that a slow backend shows as a 503 naming it, not as a probe timeout.
+READINESS_PERIOD_SECONDS = 5
+READINESS_FAILURE_THRESHOLD = 3
+READINESS_TIMEOUT_SECONDS = 3
+# Liveness checks the process alone, but is answered by the event loop that also serves
+# thousands of sockets: 5 s per answer and 3 misses 10 s apart (30 s) before a restart, so a busy
+# loop (a reconnect storm) is never mistaken for a dead one; a restart would drop every socket.
+LIVENESS_PERIOD_SECONDS = 10
+LIVENESS_FAILURE_THRESHOLD = 3
+LIVENESS_TIMEOUT_SECONDS = 5
+
+# terminationGracePeriodSeconds of a protocol pod = these + the spec's drain window. The kubelet
+# counts the grace from the moment it runs the preStop hook, and SIGKILLs at its end:
+# - the hook (`parley drain`) is a Python process that loads Django before it asks for the drain,
+#   and it shares the container's CPU limit with a busy server (0.8 s unthrottled; allow 10 s);
+DRAIN_HOOK_STARTUP_SECONDS = 10
+# - the hook's window counts from its own start; its last request may end up to
+#   drain.REQUEST_FLOOR_SECONDS (0.2 s) past the window, then the interpreter exits: 1 s;
+DRAIN_HOOK_OVERRUN_SECONDS = 1
+# - then SIGTERM: Daphne cancels the consumers still open (a window that ran out) and each one
+#   leaves its rooms and Redis subscriptions before the process exits. Daphne waits for all of
+#   them (kill_all_applications, with no timeout of its own): 10 s, as Daphne's own
+#   application_close_timeout gives one disconnected consumer.
+SHUTDOWN_SECONDS = 10
+# A rollout replaces at most this share of the protocol pods at a time (maxUnavailable 0), so
+# at most this share drains at once: their clients come back within the reconnect jitter and the
+# other pods absorb them (loadtest/capacity_model.py sizes the pods for that storm, and
+# tests/test_capacity.py keeps its copy of this number equal).
+ROLLOUT_MAX_SURGE = "25%"
+
 
 def labels(name: str, role: str | None = None) -> dict[str, str]:
     result = {
@@ -125,14 +160,24 @@ def handshake_environment(spec: PlatformSpec) -> list[Obj]:
     return env
 
 
+def termination_grace_seconds(spec: PlatformSpec) -> int:
+    """The kubelet's whole budget for a protocol pod's stop: the hook's start-up, the drain
+    window, the hook's overrun and the process's exit (the constants above say why each)."""
+    return DRAIN_HOOK_STARTUP_SECONDS + spec.drain_grace_seconds + DRAIN_HOOK_OVERRUN_SECONDS + SHUTDOWN_SECONDS
+
+
 def _migrate_init_container(spec: PlatformSpec, env: list[Obj]) -> Obj:
-    # `parley migrate` holds a PostgreSQL advisory lock, so every pod may run it: the first one
-    # migrates, the others wait and find nothing to do. No separate Job to order against.
+    # Migrations run once per rollout, from the chart's hook Job (templates/migrate-job.yaml:
+    # pre-upgrade, and post-install). A pod only checks that the database has every migration of
+    # its image: no advisory lock, no DDL, about a second, so a rollout's replacements are not
+    # queued one by one behind the lock. A migration still pending (the post-install Job has not
+    # run yet, or nobody ran one: an operator without the chart) is applied by the first pod to
+    # take the lock, as before, so no pod ever serves an older schema.
     return {
         "name": "migrate",
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
-        "command": ["parley", "migrate"],
+        "command": ["parley", "migrate", "--if-pending"],
         "env": env,
         "resources": copy.deepcopy(dict(spec.worker.resources)),
         "securityContext": _container_security(),
@@ -168,9 +213,9 @@ def protocol_template(owner: Mapping[str, Any], spec: PlatformSpec) -> Obj:
     return {
         "metadata": {"labels": labels(name, "protocol")},
         "spec": {
-            # The preStop drain needs its whole grace period, plus a margin for Daphne to exit
-            # after SIGTERM; otherwise the kubelet SIGKILLs a pod that is still draining.
-            "terminationGracePeriodSeconds": spec.termination_grace_seconds,
+            # The preStop drain, its start-up and the exit after it (termination_grace_seconds);
+            # otherwise the kubelet SIGKILLs a pod that is still draining.
+            "terminationGracePeriodSeconds": termination_grace_seconds(spec),
             "securityContext": _pod_security(),
             "volumes": _tmp_volumes(),
             "initContainers": [_migrate_init_container(spec, env)],
@@ -185,10 +230,14 @@ def protocol_template(owner: Mapping[str, Any], spec: PlatformSpec) -> Obj:
                 "resources": copy.deepcopy(dict(spec.protocol.resources)),
                 "securityContext": _container_security(),
                 "volumeMounts": _tmp_mount(),
-                "readinessProbe": {"httpGet": {"path": "/readyz", **http}, "periodSeconds": 5,
-                                   "failureThreshold": 1},
-                "livenessProbe": {"httpGet": {"path": "/healthz", **http}, "periodSeconds": 10,
-                                  "failureThreshold": 3},
+                "readinessProbe": {"httpGet": {"path": "/readyz", **http},
+                                   "periodSeconds": READINESS_PERIOD_SECONDS,
+                                   "failureThreshold": READINESS_FAILURE_THRESHOLD,
+                                   "timeoutSeconds": READINESS_TIMEOUT_SECONDS},
+                "livenessProbe": {"httpGet": {"path": "/healthz", **http},
+                                  "periodSeconds": LIVENESS_PERIOD_SECONDS,
+                                  "failureThreshold": LIVENESS_FAILURE_THRESHOLD,
+                                  "timeoutSeconds": LIVENESS_TIMEOUT_SECONDS},
                 # Daphne cancels every consumer at once on SIGTERM (daphne#177), so the graceful
                 # part happens here, before SIGTERM: stop accepting (readyz -> 503), tell clients
                 # to reconnect with jitter, wait for connections to reach 0 or the drain deadline.
@@ -207,8 +256,9 @@ def worker_template(owner: Mapping[str, Any], spec: PlatformSpec) -> Obj:
         "spec": {
             # `parley worker` stops receiving on SIGTERM and finishes the message in hand within
             # this grace; a message popped but not yet acknowledged stays in `<channel>$inflight`
-            # and channels-redis puts it back on the queue for the next worker.
-            "terminationGracePeriodSeconds": spec.termination_grace_seconds,
+            # and channels-redis puts it back on the queue for the next worker. (The same budget
+            # as a protocol pod's: generous for a batch, and one setting for both.)
+            "terminationGracePeriodSeconds": termination_grace_seconds(spec),
             "securityContext": _pod_security(),
             "volumes": _tmp_volumes(),
             "initContainers": [_migrate_init_container(spec, env)],
@@ -239,14 +289,31 @@ def deployment(owner: Mapping[str, Any], spec: PlatformSpec, role: str, replicas
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": selector(name, role)},
-            # Never below the current capacity during a rollout: new pods come up before old
-            # ones drain, so a spec change does not drop a batch of WebSockets at once.
+            # Never below the current capacity during a rollout (maxUnavailable 0): new pods come
+            # up before old ones drain, and maxSurge bounds the pods draining at once (with
+            # minReadySeconds, below). The PodDisruptionBudget plays no part here: it only gates
+            # evictions (node drains), never a Deployment's own scale-downs.
             "strategy": {"type": "RollingUpdate",
-                         "rollingUpdate": {"maxUnavailable": 0, "maxSurge": "25%"}},
+                         "rollingUpdate": {"maxUnavailable": 0, "maxSurge": ROLLOUT_MAX_SURGE}},
+            "minReadySeconds": min_ready_seconds(spec, role),
             "revisionHistoryLimit": 5,
             "template": template,
         },
     }
+
+
+def min_ready_seconds(spec: PlatformSpec, role: str) -> int:
+    """How long a rollout's new pod must be ready before it counts as available, and the next
+    old pod is deleted. The Deployment controller does not count terminating pods against
+    maxSurge (KEP-5882): without this, a batch's replacements are ready within seconds and the
+    next batch starts draining while the last one still is, until most of the old pods drain at
+    once. Waiting out a whole drain (the hook's start-up, the window, its overrun) keeps it to
+    maxSurge. The pods serve as soon as they are ready: only the rollout waits.
+
+    Workers hold no sockets (their stop is a SIGTERM and the batch in hand): nothing to space."""
+    if role != "protocol":
+        return 0
+    return DRAIN_HOOK_STARTUP_SECONDS + spec.drain_grace_seconds + DRAIN_HOOK_OVERRUN_SECONDS
 
 
 def service(owner: Mapping[str, Any], role: str) -> Obj:
@@ -272,12 +339,20 @@ def service(owner: Mapping[str, Any], role: str) -> Obj:
 
 def pod_disruption_budget(owner: Mapping[str, Any], role: str) -> Obj:
     name = owner["metadata"]["name"]
-    # One pod at a time: a node drain then moves WebSockets in small batches, never all at once.
+    # Evictions (a node drain, the cluster autoscaler) one pod at a time: they move WebSockets in
+    # small batches, never a whole node's at once. Rollouts and scale-downs are not evictions:
+    # the Deployment's strategy and the operator's scale-down step bound those.
+    # unhealthyPodEvictionPolicy AlwaysAllow: a pod that is not ready (crash-looping, stuck in
+    # its init container, cut off from the database) takes no new clients, and evicting it still
+    # runs its preStop drain for the sockets it holds. With the default (IfHealthyBudget) one
+    # such pod uses up the budget, and a node drain waits behind it until it recovers, perhaps
+    # for ever (Kubernetes >= 1.27; older API servers drop the field).
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": _metadata(owner, role),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(name, role)}},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(name, role)},
+                 "unhealthyPodEvictionPolicy": "AlwaysAllow"},
     }
 
 
