@@ -90,11 +90,12 @@ def main() -> int:
                 print(f"case={name} skipped: needs PostgreSQL", flush=True)
                 continue
             cluster = Cluster(database_url, Path(args.logs) / f"{name}-{int(time.time())}", shards=case.shards,
-                              proxy_redis=case.proxy_redis, proxy_postgres=case.proxy_postgres,
+                              proxy_redis=case.proxy_redis, proxy_postgres=case.proxy_postgres, env=case.env,
                               worker_count=args.workers)
             result = run_case(name, case.fault, cluster, case.traffic, args.seed, case.setup)
             results.append(result)
             print(result.line(), flush=True)
+            print(f"  facts={json.dumps(result.details.get('facts', {}), default=str)}", flush=True)
             if not result.ok:
                 print(json.dumps(result.as_dict(), indent=1, default=str)[:4000], flush=True)
     if args.record:

@@ -41,6 +41,7 @@ class Case:
     needs_postgres: bool = False
     setup: Callable[[Cluster], None] | None = None
     traffic: Traffic = field(default_factory=Traffic)
+    env: dict[str, str] = field(default_factory=dict)  # for every process of the case
 
 
 # 1. A protocol process killed outright.
@@ -65,10 +66,22 @@ async def protocol_drain(run: CaseRun) -> None:
     run.facts["told_to_reconnect"] = run.history.events["told_to_reconnect"] - told_before
     run.expect(took < grace, f"the drained process took {took:.1f}s, over its {grace:.0f}s grace period")
     run.expect(run.facts["told_to_reconnect"] > 0, "no client was told to reconnect")
+    # PARLEY_RESUME_MAX is 1 here (the case's env): clients that missed more while they moved
+    # are answered `reload` and fill the room from `history`, as the protocol tells them to.
+    await asyncio.sleep(2)
+    run.facts["reloads"] = run.history.events["reloads"]
+    run.expect(run.history.events["reloads"] > 0, "no client had to reload: the reload path went untested")
 
 
 # 3. Workers: one killed mid-batch, one stopped with SIGTERM.
 async def worker_kill(run: CaseRun) -> None:
+    # A backlog first, so that the kill lands while the worker holds batches (at a trickle it
+    # would mostly be waiting in BZPOPMIN, with nothing in hand).
+    await run.blocking(run.cluster.pause_workers)
+    await asyncio.sleep(1.5)
+    retries_before = _retries(run)
+    await run.blocking(run.cluster.resume_workers)
+    await asyncio.sleep(0.02)
     run.mark_fault()
     await run.blocking(run.cluster.stop_worker, run.cluster.workers[0], signal.SIGKILL)
     await run.blocking(run.cluster.start_worker)
@@ -77,6 +90,14 @@ async def worker_kill(run: CaseRun) -> None:
     run.facts["sigterm_exit_s"] = round(took, 1)
     await run.blocking(run.cluster.start_worker)
     run.mark_healed()
+    await asyncio.sleep(run.traffic.ack_timeout + 1)
+    # What the killed worker held was lost unacked: its senders had to re-send it.
+    run.facts["resent_after_kill"] = _retries(run) - retries_before
+    run.expect(run.facts["resent_after_kill"] > 0, "the killed worker held nothing: the kill tested nothing")
+
+
+def _retries(run: CaseRun) -> int:
+    return sum(max(0, s.attempts - 1) for s in run.history.sends.values())
 
 
 # 4. Redis restarted empty: queues, presence, subscriptions all gone.
@@ -270,7 +291,9 @@ async def rolling_restart(run: CaseRun) -> None:
 
 CASES: dict[str, Case] = {case.name: case for case in [
     Case("protocol_sigkill", protocol_sigkill, "a protocol process killed (SIGKILL) mid-stream"),
-    Case("protocol_drain", protocol_drain, "a protocol process drained (preStop) then SIGTERM"),
+    Case("protocol_drain", protocol_drain,
+         "a protocol process drained (preStop) then SIGTERM; resumes beyond 1 missed answered `reload`",
+         env={"PARLEY_RESUME_MAX": "1", "PARLEY_RECONNECT_JITTER_MS": "3000"}),
     Case("worker_kill", worker_kill, "a worker killed mid-batch (SIGKILL), another stopped (SIGTERM)"),
     Case("redis_restart", redis_restart, "every Redis shard restarted empty, one after the other"),
     Case("redis_pause", redis_pause, f"the queue's Redis shard paused (SIGSTOP) {PAUSE_S:.0f}s"),

@@ -223,7 +223,8 @@ class DocumentedClient:
                 waiter.set_result(frame)
         elif kind == "reconnect":
             self.history.events["told_to_reconnect"] += 1
-            self.reconnect_after = self.rng.uniform(0, frame.get("delay_ms", 1000) / 1000)
+            # The server jittered the delay already: wait exactly that long.
+            self.reconnect_after = frame.get("delay_ms", 1000) / 1000
         elif kind == "error":
             self._error(frame)
 
