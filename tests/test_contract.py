@@ -72,3 +72,91 @@ async def test_the_worker_and_the_operator_count_the_same_queue_depth():
         await reader.close()
     assert await layer.queue_depth(channel) == 8
     assert snapshot.queue_depth[channel] + snapshot.in_flight[channel] == snapshot.worker_load == 8
+
+
+def test_the_operator_reads_the_registry_the_processes_write():
+    assert contract.registry_key() == operator_metrics.registry_key(CONFIG.channel_prefix)
+
+
+async def _seen_by_the_operator() -> list[operator_metrics.Heartbeat]:
+    from chat import process
+
+    reader = operator_metrics.RedisMetrics(CONFIG.redis_urls, prefix=CONFIG.channel_prefix)
+    try:
+        snapshot = await reader.read([])
+    finally:
+        await reader.close()
+    return [hb for hb in snapshot.heartbeats if hb.process_id == process.process_id()]
+
+
+async def _registered() -> bool:
+    from chat import process
+    from chat.redis_pool import clients
+
+    scores = [await client.zscore(contract.registry_key(), process.process_id()) for client in clients()]
+    return any(score is not None for score in scores)
+
+
+async def test_a_process_is_found_through_the_registry_with_its_held_messages():
+    from chat import process
+
+    await process.publish_heartbeat("worker", held=lambda: 42)
+    try:
+        [beat] = await _seen_by_the_operator()
+        assert beat.held == 42 and beat.role == "worker"
+        assert await _registered()
+    finally:
+        await process.retire_heartbeat()
+
+
+async def test_a_process_with_a_skewed_clock_is_seen_by_redis_time(monkeypatch):
+    """A process 90 s ahead must neither look from the future to the operator nor prune the
+    others' registrations: the heartbeat's `ts` and the registry's scores are Redis's clock."""
+    from chat import process
+    from chat.redis_pool import clients
+
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 90)
+    await process.publish_heartbeat("protocol")
+    monkeypatch.setattr(time, "time", real_time)
+    try:
+        [beat] = await _seen_by_the_operator()
+        assert abs(beat.ts - real_time()) < 5
+        scores = [await client.zscore(contract.registry_key(), process.process_id()) for client in clients()]
+        [score] = [s for s in scores if s is not None]
+        assert abs(score - (real_time() + CONFIG.heartbeat_ttl)) < 5
+    finally:
+        await process.retire_heartbeat()
+
+
+async def test_a_draining_process_deletes_its_heartbeat_and_registration(monkeypatch):
+    import asyncio
+
+    from chat import process
+
+    monkeypatch.setattr(process, "STATE", process.ProcessState())
+    await process.publish_heartbeat("protocol")
+    assert await _seen_by_the_operator()
+    process.STATE.drain()  # what `parley drain` does: the heartbeat goes at once, not after its TTL
+    await asyncio.gather(*process._retiring)
+    assert await _seen_by_the_operator() == []
+    assert not await _registered()
+
+
+async def test_a_stopped_heartbeat_loop_deletes_its_heartbeat(monkeypatch):
+    import asyncio
+
+    from chat import process
+
+    monkeypatch.setattr(process, "STATE", process.ProcessState())
+    task = asyncio.get_running_loop().create_task(process.heartbeat_loop("protocol"))
+    for _ in range(50):
+        if await _seen_by_the_operator():
+            break
+        await asyncio.sleep(0.05)
+    assert await _seen_by_the_operator()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await _seen_by_the_operator() == []
+    assert not await _registered()

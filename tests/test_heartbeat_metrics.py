@@ -56,6 +56,18 @@ async def test_processes_publish_their_load_and_metrics(live_stack):
         return [b["pod"] for b in await heartbeats(url) if b.get("role") == "worker"]
 
     assert await wait_for(worker_beats) == ["worker-pod-a"]
+    [worker] = [b for b in await heartbeats(url) if b.get("role") == "worker"]
+    assert worker["held"] == "0"  # messages taken from Redis, not stored yet: none while idle
+
+    # Both processes are in the registry the operator reads instead of scanning the keyspace.
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        registered = await client.zrangebyscore(contract.registry_key(), time.time(), "+inf")
+        live = [key.removeprefix(contract.heartbeat_key("")) async for key in
+                client.scan_iter(match=contract.heartbeat_pattern())]
+    finally:
+        await client.aclose()
+    assert len(live) == 2 and sorted(registered) == sorted(live)
 
     # Metrics on a port of their own; the public listener has none.
     protocol_metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{protocol_metrics_port}/metrics")

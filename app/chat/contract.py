@@ -20,7 +20,15 @@ platforms on one Redis never deliver each other's messages or count each other's
 | `<prefix>:process:<pid>`      | topic      | `<conn key>\n<frame JSON>` pairs (`*_reply_payload`) | workers → it |
 | `<prefix>:control`            | topic      | a JSON command (`chat.control`)          | HTTP views → every protocol |
 | `<prefix>:presence:<room id>` | sorted set | `<user id>:<username>`, score = expiry   | protocol → protocol         |
-| `<prefix>:proc:<pid>`         | hash + TTL | role, pod, connections, inbox, draining, ts | every process → operator |
+| `<prefix>:proc:<pid>`         | hash + TTL | role, pod, connections, inbox, held, draining, ts | all → operator |
+| `<prefix>:procs`              | sorted set | `<pid>`, score = its heartbeat's expiry (epoch s) | all → operator |
+
+`<prefix>:procs` is the registry of live processes, one per shard: a process registers in the
+shard that holds its heartbeat (the same pipeline), so the operator reads each shard's members
+instead of SCANning its keyspace. A member is live while its score is in the future; a killed
+process's member is pruned by the next heartbeat of any process on that shard, and a process
+that drains or exits removes its heartbeat and its member itself. `held` (workers): messages
+taken from Redis and not stored yet, which the operator adds to the worker load.
 
 `<seq>` is empty for ephemeral frames (typing, presence, read) that have no place in the room's
 sequence. Redis is a transport, not an authority: `decode_*` raise ValueError on anything Parley
@@ -165,6 +173,11 @@ def heartbeat_key(pid: str) -> str:
 
 def heartbeat_pattern() -> str:
     return CONFIG.key("proc:*")
+
+
+def registry_key() -> str:
+    """The registry of live processes (on each shard, the processes whose heartbeat it holds)."""
+    return CONFIG.key("procs")
 
 
 # --- between the protocol server and the app, in one process -------------------------------------

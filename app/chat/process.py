@@ -1,7 +1,12 @@
 """Who this process is, which connections it holds, whether it is draining, and its heartbeat.
 
 The heartbeat is the operator's view of load without scraping pods: every few seconds each
-process writes `<prefix>:proc:<process_id>` (`chat.contract`) (a hash with a short TTL) to Redis.
+process writes `<prefix>:proc:<process_id>` (`chat.contract`) (a hash with a short TTL) to Redis,
+and registers its id in that shard's registry of live processes (`<prefix>:procs`).
+
+A draining or exiting process deletes its heartbeat and its registration: its clients are
+reconnecting elsewhere and are counted there; a heartbeat left behind would count them twice
+until its TTL ran out.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import socket
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
 from redis.exceptions import RedisError
@@ -109,6 +115,7 @@ class ProcessState:
             self.draining = True
             self.drain_started = time.time()
             log.info("draining %d connections", len(self.connections))
+            _retire_soon()
         for conn in list(self.connections):
             conn.start_drain(random.randint(0, CONFIG.reconnect_jitter_ms))
         return len(self.connections)
@@ -139,34 +146,101 @@ def outbound_backlog() -> int:
     return sum(conn.backlog() for conn in list(STATE.connections))
 
 
-async def heartbeat_loop(role: str, extra: Heartbeat | None = None) -> None:
-    """Publish this process's load every `PARLEY_HEARTBEAT_SECONDS` until cancelled."""
+# A dead process's registration is pruned once its score is this far in the past (by Redis's
+# clock, as every score is): well past its heartbeat's TTL, so the operator has long stopped
+# counting it, and generous to an operator whose own clock runs behind Redis's.
+REGISTRY_PRUNE_MARGIN_SECONDS = 60.0
+# Deleting the heartbeat at exit is best effort, bounded so that it never delays a shutdown.
+RETIRE_TIMEOUT_SECONDS = 1.0
+
+
+# KEYS: heartbeat hash, registry; ARGV: process id, TTL, prune margin, then field, value pairs.
+# `ts` and the registry's scores are Redis's clock, not this process's: a process whose clock
+# is off (the fault suite's clock_skew case runs one 90 s ahead) would otherwise look stale or
+# from the future to the operator, or prune the other processes' registrations as expired.
+_HEARTBEAT_SCRIPT = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local ttl = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'ts', string.format('%.6f', now), unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], string.format('%.6f', now + ttl), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%.6f', now - tonumber(ARGV[3])))
+return 1
+"""
+
+
+async def publish_heartbeat(role: str, held: Callable[[], int] | None = None) -> None:
+    """Write this process's heartbeat and registration (one script, on the heartbeat's shard)."""
     from chat.redis_pool import client_for
 
     key = heartbeat_key()
-    while True:
-        try:
-            fields = {
-                "role": role,
-                "pod": CONFIG.pod_name,
-                "connections": len(STATE.connections),
-                "inbox": outbound_backlog(),
-                "draining": int(STATE.draining),
-                "ts": time.time(),
-            }
-            client = client_for(key)
-            pipe = client.pipeline(transaction=True)
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, CONFIG.heartbeat_ttl)
+    fields = {
+        "role": role,
+        "pod": CONFIG.pod_name,
+        "connections": len(STATE.connections),
+        "inbox": outbound_backlog(),
+        "held": held() if held is not None else 0,
+        "draining": int(STATE.draining),
+    }
+    pairs = [str(item) for field in fields.items() for item in field]
+    await client_for(key).eval(_HEARTBEAT_SCRIPT, 2, key, contract.registry_key(), _PROCESS_ID,
+                               CONFIG.heartbeat_ttl, REGISTRY_PRUNE_MARGIN_SECONDS, *pairs)
+
+
+async def retire_heartbeat() -> None:
+    """Delete this process's heartbeat and registration (drain, exit); best effort, bounded."""
+    from chat.redis_pool import client_for
+
+    key = heartbeat_key()
+    try:
+        async with asyncio.timeout(RETIRE_TIMEOUT_SECONDS):
+            pipe = client_for(key).pipeline(transaction=True)
+            pipe.delete(key)
+            pipe.zrem(contract.registry_key(), _PROCESS_ID)
             await pipe.execute()
-            if extra is not None:
-                await extra.beat()
-        except RedisError as exc:
-            log.warning("heartbeat failed: %s", exc)
-        except Exception:
-            log.exception("heartbeat failed")
-        raise_if_cancelling()
-        await asyncio.sleep(CONFIG.heartbeat_seconds)
+    except (RedisError, OSError, TimeoutError) as exc:
+        # The TTL removes it anyway; the operator also ignores draining and gone pods.
+        log.warning("could not delete the heartbeat: %s", exc)
+
+
+_retiring: set[asyncio.Task[None]] = set()
+
+
+def _retire_soon() -> None:
+    """From drain() (sync): delete the heartbeat now rather than at the next beat."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return  # no loop (a test, a management command): the heartbeat loop does it
+    task = loop.create_task(retire_heartbeat(), name="parley-heartbeat-retire")
+    _retiring.add(task)
+    task.add_done_callback(_retiring.discard)
+
+
+async def heartbeat_loop(role: str, extra: Heartbeat | None = None, held: Callable[[], int] | None = None) -> None:
+    """Publish this process's load every `PARLEY_HEARTBEAT_SECONDS` until cancelled; once
+    draining, publish nothing (the heartbeat was deleted); when cancelled, delete it."""
+    try:
+        while True:
+            try:
+                if not STATE.draining:
+                    await publish_heartbeat(role, held)
+                    if STATE.draining:
+                        # The drain began while this beat was in flight, and its delete may have
+                        # run first: the beat must not outlive it.
+                        await retire_heartbeat()
+                if extra is not None:
+                    await extra.beat()
+            except RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            except Exception:
+                log.exception("heartbeat failed")
+            raise_if_cancelling()
+            await asyncio.sleep(CONFIG.heartbeat_seconds)
+    except asyncio.CancelledError:
+        await retire_heartbeat()
+        raise
 
 
 class Heartbeat(Protocol):
@@ -178,8 +252,9 @@ _started: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None
 )
 
 
-def ensure_heartbeat(role: str, extra: Heartbeat | None = None) -> None:
-    """Start the heartbeat for this event loop once."""
+def ensure_heartbeat(role: str, extra: Heartbeat | None = None, held: Callable[[], int] | None = None) -> None:
+    """Start the heartbeat for this event loop once. `held`: messages this process took from
+    Redis and has not handled yet (workers), published so the operator counts them as load."""
     loop = asyncio.get_running_loop()
     if loop not in _started:
-        _started[loop] = loop.create_task(heartbeat_loop(role, extra), name="parley-heartbeat")
+        _started[loop] = loop.create_task(heartbeat_loop(role, extra, held), name="parley-heartbeat")

@@ -15,8 +15,8 @@ from prometheus_client import start_http_server
 
 from chat import metrics
 from chat.contract import PERSIST_CHANNEL
-from chat.process import ensure_heartbeat
-from chat.workers import batcher
+from chat.process import ensure_heartbeat, retire_heartbeat
+from chat.workers import batcher, held_by_batcher
 from parley.config import CONFIG
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class ParleyWorker(Worker):
         self.taking = True
         if CONFIG.metrics_port:
             start_http_server(CONFIG.metrics_port)
-        ensure_heartbeat("worker", QueueDepthProbe(self.channel_layer, self.channels))
+        ensure_heartbeat("worker", QueueDepthProbe(self.channel_layer, self.channels), self.held)
         log.info("worker consuming %s", ", ".join(self.channels))
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
@@ -88,6 +88,15 @@ class ParleyWorker(Worker):
             for listener in listeners:
                 listener.cancel()
             await batcher().close()
+            # Gone: no heartbeat left behind to be counted for its TTL.
+            await retire_heartbeat()
+
+    def held(self) -> int:
+        """Messages taken from Redis and not stored yet: in the instances' queues (up to
+        MAX_LOCAL_BACKLOG each) and waiting in the batcher. Invisible in Redis, so published in
+        the heartbeat for the operator to add to the queue depth."""
+        queued = sum(details["input_queue"].qsize() for details in self.application_instances.values())
+        return queued + held_by_batcher()
 
     async def supervised(self, channel: str) -> None:
         """Run the listener of `channel`, restarting it after anything but our own cancellation.
