@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +37,15 @@ class NotFound(KubeError):
 
 class Conflict(KubeError):
     pass
+
+
+class NotLeader(Exception):
+    """A write refused because this process no longer holds the leader Lease (`leader.py`).
+    Not a KubeError: nothing may catch it as "this child failed" and carry on writing."""
+
+
+# Names this process in the API server's audit log: with a standby, which replica wrote.
+USER_AGENT = f"parley-operator ({os.environ.get('POD_NAME') or socket.gethostname()})"
 
 
 def login(settings: kopf.OperatorSettings | None = None) -> kopf.ConnectionInfo:
@@ -65,8 +75,10 @@ def path(api_version: str, plural: str, namespace: str | None = None,
 
 
 class Kube:
-    def __init__(self, login_fn: Callable[[], kopf.ConnectionInfo] = login) -> None:
+    def __init__(self, login_fn: Callable[[], kopf.ConnectionInfo] = login,
+                 may_write: Callable[[], bool] | None = None) -> None:
         self._login = login_fn
+        self._may_write = may_write  # None: always (the Lease's own client, standalone mode)
         self._session: aiohttp.ClientSession | None = None
         self._server = ""
         self.closed = False
@@ -79,7 +91,7 @@ class Kube:
             self._server = info.server.rstrip("/")
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=info.as_ssl_context(), limit=20),
-                headers=info.as_http_headers(),
+                headers={**info.as_http_headers(), "User-Agent": USER_AGENT},
                 timeout=aiohttp.ClientTimeout(total=30),
             )
         return self._session
@@ -95,6 +107,8 @@ class Kube:
 
     async def request(self, method: str, url: str, *, body: Any = None,
                       content_type: str = "application/json", params: Mapping[str, str] | None = None) -> Any:
+        if method != "GET" and self._may_write is not None and not self._may_write():
+            raise NotLeader(f"{method} {url}: this operator does not hold the leader Lease")
         for attempt in (1, 2):
             session = self._connect()
             data = None if body is None else json.dumps(body)

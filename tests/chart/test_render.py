@@ -158,6 +158,32 @@ def test_migration_runs_as_a_hook_after_install_and_before_upgrade() -> None:
     assert container["command"] == ["parley", "migrate"]
 
 
+@pytest.mark.parametrize("variant", ["default", "400k"])
+def test_the_operators_pods_check_migrations_drain_within_their_grace_and_tolerate_blips(variant: str) -> None:
+    docs = render(*VARIANTS[variant])
+    window = one(docs, "ChatPlatform")["spec"]["drain"]["gracePeriodSeconds"]
+    children = operator_children(docs)
+    protocol = next(d for d in children if d["kind"] == "Deployment" and d["metadata"]["name"] == "chat-protocol")
+    pod = protocol["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # One failed probe no longer empties the Service; the app's checks answer within the timeout.
+    readiness = container["readinessProbe"]
+    assert (readiness["periodSeconds"], readiness["failureThreshold"], readiness["timeoutSeconds"]) == (5, 3, 3)
+    liveness = container["livenessProbe"]
+    assert (liveness["periodSeconds"], liveness["failureThreshold"], liveness["timeoutSeconds"]) == (10, 3, 5)
+    # The hook's start-up (10 s), the window, its overrun (1 s), Daphne's exit (10 s).
+    assert pod["terminationGracePeriodSeconds"] == window + 21
+    # A rollout's next batch waits for the last one's drain: at most maxSurge pods drain at once.
+    assert protocol["spec"]["minReadySeconds"] == window + 11
+    assert protocol["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": "25%"}
+    # Migrations run in the hook Job; the pods only check (and migrate only what is pending).
+    assert [c["command"] for c in pod["initContainers"]] == [["parley", "migrate", "--if-pending"]]
+    (job,) = of_kind(docs, "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["parley", "migrate"]
+    for pdb in of_kind(children, "PodDisruptionBudget"):
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
 def test_ingress_has_websocket_timeouts_and_targets_the_operators_service() -> None:
     ingress = one(render(), "Ingress")
     annotations = ingress["metadata"]["annotations"]
@@ -175,7 +201,7 @@ def test_ingress_has_websocket_timeouts_and_targets_the_operators_service() -> N
 def test_operator_rbac_is_namespaced_by_default_and_cluster_wide_on_request() -> None:
     docs = render()
     assert not of_kind(docs, "ClusterRole")
-    role = one(docs, "Role")
+    role = one(docs, "Role", "chat-operator")
     assert role["metadata"]["namespace"] == "chat"
     args = one(docs, "Deployment", "chat-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=chat" in args
@@ -183,7 +209,8 @@ def test_operator_rbac_is_namespaced_by_default_and_cluster_wide_on_request() ->
     assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": ["chat-redis"]}]
 
     wide = render("--set", "operator.clusterWide=true")
-    assert not of_kind(wide, "Role")
+    # Only the leader election's Role stays namespaced: the Lease lives in the release namespace.
+    assert [r["metadata"]["name"] for r in of_kind(wide, "Role")] == ["chat-operator-leader-election"]
     assert one(wide, "ClusterRole")
     wide_args = one(wide, "Deployment", "chat-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not [a for a in wide_args if a.startswith("--namespace")]
@@ -193,8 +220,30 @@ def test_rbac_is_exactly_the_reference_the_operator_documents() -> None:
     reference = [d for d in yaml.safe_load_all((ROOT / "helm/parley-operator/rbac-reference.yaml").read_text()) if d]
     want = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"])
             for r in one(reference, "ClusterRole")["rules"]}
-    got = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in one(render(), "Role")["rules"]}
+    got = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"])
+           for r in one(render(), "Role", "chat-operator")["rules"]}
     assert got == want
+
+
+def test_leader_election_rbac_is_the_reference_and_one_replica_without_it() -> None:
+    reference = [d for d in yaml.safe_load_all((ROOT / "helm/parley-operator/rbac-reference.yaml").read_text()) if d]
+    want = one(reference, "Role", "parley-operator-leader-election")["rules"]
+    for rule in want:
+        if "resourceNames" in rule:
+            rule["resourceNames"] = ["chat-operator"]  # the Lease is named like the Deployment
+    docs = render()
+    assert one(docs, "Role", "chat-operator-leader-election")["rules"] == want
+    deployment = one(docs, "Deployment", "chat-operator")
+    assert deployment["spec"]["replicas"] == 2
+    assert "--leader-election=chat-operator" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    alone = render("--set", "operator.leaderElection.enabled=false", "--set", "operator.replicas=3")
+    deployment = one(alone, "Deployment", "chat-operator")
+    assert deployment["spec"]["replicas"] == 1  # two writers without a Lease: never
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [a for a in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+                if a.startswith("--leader-election")]
+    assert [r["metadata"]["name"] for r in of_kind(alone, "Role")] == ["chat-operator"]
 
 
 def test_notes_say_how_to_reach_watch_and_test() -> None:
