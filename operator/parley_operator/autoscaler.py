@@ -1,15 +1,17 @@
 """One poll of one ChatPlatform: converge children, read Redis, decide, scale, report.
 
-The per-object state (recommendation history, Redis clients) lives in kopf's per-object memo,
-so it is lost on an operator restart. That costs at most one stabilization window of caution
-(the first decisions after a restart see a short history), never a wrong scale-down: with an
-empty history the scale-down window only holds *more* conservatively what the samples say.
+The per-object state (Redis clients, the last known metrics state) lives in kopf's per-object
+memo. What the decisions depend on across polls does not: the recommendation history and the
+count of failed readings are written to the status every poll (`status.recommendations`,
+`status.failedReadings`), so a restarted operator or a new leader resumes the scale-down window
+and the fallback count where the last one left them (`history.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import dataclasses
 import logging
 import time
@@ -17,15 +19,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import kopf
-
-from parley_operator import children, exporter, resources, scaling
+from parley_operator import children, events, exporter, history, resources, scaling
 from parley_operator import status as st
 from parley_operator.kube import Kube, KubeError, path
 from parley_operator.metrics import MetricsUnavailable, RedisMetrics, Snapshot
 from parley_operator.spec import PlatformSpec
 
 log = logging.getLogger(__name__)
+
+_UNSET: Any = object()
 
 
 @dataclass
@@ -36,6 +38,7 @@ class PlatformState:
     metrics: RedisMetrics | None = None
     metrics_key: tuple[Any, ...] = ()
     metrics_ok: bool | None = None  # last known, to post an Event only on transitions
+    failed_shards: tuple[str, ...] = ()  # of the last reading, likewise
     last_poll: float = 0.0
 
     async def close(self) -> None:
@@ -44,22 +47,43 @@ class PlatformState:
             self.metrics = None
 
 
+class SecretUnavailable(MetricsUnavailable):
+    """The Secret with the Redis URLs cannot be read (missing, forbidden, no such key)."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    snapshot: Snapshot | None
+    error: str = ""  # why there is no snapshot
+    reason: str = ""  # RedisUnavailable or RedisSecretUnavailable when there is none
+
+
 async def redis_urls(kube: Kube, namespace: str, spec: PlatformSpec) -> tuple[str, ...]:
     if spec.redis.urls:
         return spec.redis.urls
     ref = spec.redis.secret_ref
     assert ref is not None  # spec.parse guarantees one of the two
-    secret = await kube.get(path("v1", "secrets", namespace, ref.name))
+    try:
+        secret = await kube.get(path("v1", "secrets", namespace, ref.name))
+    except KubeError as exc:
+        # Missing or forbidden: a failed reading like a down Redis, not an aborted poll.
+        raise SecretUnavailable(f"Secret {ref.name}: {exc}") from exc
     raw = (secret.get("data") or {}).get(ref.key)
     if raw is None:
-        raise MetricsUnavailable(f"Secret {ref.name} has no key {ref.key!r}")
-    return tuple(u.strip() for u in base64.b64decode(raw).decode().split(",") if u.strip())
+        raise SecretUnavailable(f"Secret {ref.name} has no key {ref.key!r}")
+    try:
+        urls = tuple(u.strip() for u in base64.b64decode(raw).decode().split(",") if u.strip())
+    except (binascii.Error, UnicodeDecodeError):
+        raise SecretUnavailable(f"Secret {ref.name} key {ref.key!r} is not base64 UTF-8 text") from None
+    if not urls:
+        raise SecretUnavailable(f"Secret {ref.name} key {ref.key!r} holds no URL")
+    return urls
 
 
 async def read_metrics(
-    kube: Kube, owner: Mapping[str, Any], spec: PlatformSpec, state: PlatformState, now: float,
-) -> tuple[Snapshot | None, str]:
-    """A Snapshot, or None and the reason it could not be read."""
+    kube: Kube, owner: Mapping[str, Any], spec: PlatformSpec, state: PlatformState, now: float | None = None,
+) -> Reading:
+    """A Snapshot, or none and the reason it could not be read."""
     try:
         urls = await redis_urls(kube, owner["metadata"]["namespace"], spec)
         key = (urls, spec.redis.channel_prefix, spec.redis.expiry_seconds)
@@ -68,62 +92,121 @@ async def read_metrics(
             state.metrics = RedisMetrics(urls, prefix=spec.redis.channel_prefix,
                                          expiry_seconds=spec.redis.expiry_seconds)
             state.metrics_key = key
-        return await state.metrics.read(spec.worker.channels, now=now), ""
+        return Reading(await state.metrics.read(spec.worker.channels, now=now))
+    except SecretUnavailable as exc:
+        return Reading(None, str(exc), "RedisSecretUnavailable")
     except MetricsUnavailable as exc:
-        return None, str(exc)
+        return Reading(None, str(exc), "RedisUnavailable")
+
+
+async def list_pods(kube: Kube, owner: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]] | None:
+    """The platform's pods that exist and are not terminating, by role; None if they cannot be
+    listed. A terminating pod (deleted, evicted by a node drain) is draining: its clients
+    reconnect to the others, so its heartbeat must not count them a second time."""
+    ns, name = owner["metadata"]["namespace"], owner["metadata"]["name"]
+    try:
+        items = await kube.list(path("v1", "pods", ns), f"app.kubernetes.io/instance={name}")
+    except KubeError as exc:
+        log.warning("cannot list the pods of %s/%s: %s", ns, name, exc)
+        return None
+    pods: dict[str, list[dict[str, Any]]] = {role: [] for role in resources.ROLES}
+    for pod in items:
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        for role in resources.ROLES:
+            # Never count (or annotate) pods that are not ours, whatever the server returned.
+            if all(labels.get(k) == v for k, v in resources.selector(name, role).items()) \
+                    and not meta.get("deletionTimestamp"):
+                pods[role].append(pod)
+    return pods
+
+
+def deletion_costs(pod_names: list[str], snapshot: Snapshot, target: int) -> dict[str, int]:
+    """pod-deletion-cost per protocol pod: its connections, so the ReplicaSet removes the idlest.
+
+    A pod with no fresh heartbeat is not known to be idle (a busy pod's heartbeat can be late):
+    it ranks above every pod we know and at least at the target, never as the cheapest. A pod
+    whose processes all drain serves nobody any more: -1, the first to go.
+    """
+    per_pod = snapshot.pod_connections
+    busiest = max(per_pod.values(), default=-1)
+    unknown = max(target, busiest + 1)
+    draining = {hb.pod for hb in snapshot.heartbeats if hb.draining} - set(per_pod)
+    return {pod: per_pod[pod] if pod in per_pod else -1 if pod in draining else unknown for pod in pod_names}
 
 
 async def set_deletion_costs(
     kube: Kube, owner: Mapping[str, Any], snapshot: Snapshot | None,
+    pods: Mapping[str, list[dict[str, Any]]] | None, target: int,
 ) -> None:
-    """Mark each protocol pod with its connection count so the ReplicaSet removes the idlest.
-
-    The ReplicaSet controller deletes pods with the lowest pod-deletion-cost first. A pod with
-    no fresh heartbeat gets -1: it serves nothing we know of, so it is the cheapest to lose.
-    """
+    """Mark each protocol pod with its pod-deletion-cost (the lowest is deleted first)."""
     if snapshot is None:
         return
-    ns, name = owner["metadata"]["namespace"], owner["metadata"]["name"]
-    wanted = resources.selector(name, "protocol")
-    pods = await kube.list(path("v1", "pods", ns), resources.selector_string(name, "protocol"))
-    per_pod = snapshot.pod_connections
-    for pod in pods:
-        labels = pod["metadata"].get("labels") or {}
-        if any(labels.get(k) != v for k, v in wanted.items()):
-            continue  # never annotate pods that are not ours, whatever the server returned
+    if pods is None:
+        raise KubeError(403, "the protocol pods cannot be listed")
+    ns = owner["metadata"]["namespace"]
+    protocol = pods["protocol"]
+    costs = deletion_costs([p["metadata"]["name"] for p in protocol], snapshot, target)
+    for pod in protocol:
         pod_name = pod["metadata"]["name"]
-        cost = str(per_pod.get(pod_name, -1))
+        cost = str(costs[pod_name])
         if (pod["metadata"].get("annotations") or {}).get(resources.DELETION_COST) != cost:
             await kube.merge_patch(path("v1", "pods", ns, pod_name),
                                    {"metadata": {"annotations": {resources.DELETION_COST: cost}}})
 
 
-def _loads(snapshot: Snapshot | None) -> dict[str, float | None]:
+@dataclass(frozen=True)
+class RoleInput:
+    """What `scaling.decide` is told about one role at one poll."""
+
+    load: float | None
+    unmeasured: int = 0
+    lower_bound: bool = False
+    waited: float = 0.0  # seconds the oldest queued message has waited
+
+
+def _inputs(snapshot: Snapshot | None, deployments: Mapping[str, Mapping[str, Any]]) -> dict[str, RoleInput]:
     if snapshot is None:
-        return dict.fromkeys(resources.ROLES)
+        return {role: RoleInput(None) for role in resources.ROLES}
+    current = int(((deployments.get("protocol") or {}).get("spec") or {}).get("replicas", 1))
+    reporting = len(snapshot.pod_connections)
     return {
-        "worker": float(snapshot.worker_load),
+        "worker": RoleInput(float(snapshot.worker_load), lower_bound=snapshot.partial,
+                            waited=snapshot.oldest_wait),
         # No protocol heartbeat at all means the protocol pods are not reporting (starting up,
-        # or an app without heartbeats), not that nobody is connected: hold.
-        "protocol": float(snapshot.connections) if snapshot.protocol_reporting else None,
+        # or an app without heartbeats), not that nobody is connected: hold. Some replicas
+        # without one are assumed at target on a scale-down (scaling.estimate).
+        "protocol": RoleInput(
+            float(snapshot.connections) if snapshot.protocol_reporting else None,
+            unmeasured=max(0, current - reporting), lower_bound=snapshot.partial),
     }
 
 
-def _metrics_condition(snapshot: Snapshot | None, error: str) -> st.Condition:
+def _metrics_condition(reading: Reading, failures: int, spec: PlatformSpec) -> st.Condition:
+    snapshot = reading.snapshot
     if snapshot is None:
-        return st.Condition("MetricsAvailable", False, "RedisUnavailable",
-                            f"{error}; replicas held until Redis answers again")
+        fallback = spec.fallback
+        then = (f"; fallback to protocol {fallback.protocol_replicas} / worker {fallback.worker_replicas} "
+                f"replicas after {fallback.failure_threshold} in a row"
+                if fallback.enabled else "")
+        return st.Condition("MetricsAvailable", False, reading.reason,
+                            f"{reading.error}; replicas held until Redis answers again "
+                            f"({failures} failed reading(s) in a row{then})")
+    counts = (f"{snapshot.shards - len(snapshot.failed_shards)}/{snapshot.shards} Redis shard(s) read; "
+              f"{len(snapshot.heartbeats)} fresh heartbeat(s), {snapshot.stale_heartbeats} stale ignored")
+    if snapshot.unlisted_heartbeats:
+        counts += f", {snapshot.unlisted_heartbeats} of gone or terminating pods ignored"
+    if snapshot.rejected_heartbeats:
+        counts += f", {snapshot.rejected_heartbeats} malformed rejected"
+    if snapshot.partial:
+        return st.Condition("MetricsAvailable", False, "PartialMetrics",
+                            f"{'; '.join(snapshot.failed_shards)}; {counts}; the sums are lower "
+                            "bounds: replicas may go up, not down")
     if not snapshot.protocol_reporting:
         return st.Condition("MetricsAvailable", False, "NoProtocolHeartbeats",
-                            "Redis is readable but no protocol process published a fresh heartbeat; "
+                            f"{counts}; no protocol process published a fresh heartbeat; "
                             "protocol replicas held, workers still scale on queue depth")
-    return st.Condition(
-        "MetricsAvailable", True, "HeartbeatsFresh",
-        f"{snapshot.shards} Redis shard(s) read; {len(snapshot.heartbeats)} fresh heartbeat(s), "
-        f"{snapshot.stale_heartbeats} stale ignored"
-        + (f", {snapshot.rejected_heartbeats} malformed rejected" if snapshot.rejected_heartbeats else ""),
-    )
-
+    return st.Condition("MetricsAvailable", True, "HeartbeatsFresh", counts)
 
 
 def _scaling_condition(decisions: Mapping[str, scaling.Decision]) -> st.Condition:
@@ -141,42 +224,73 @@ def _scaling_condition(decisions: Mapping[str, scaling.Decision]) -> st.Conditio
 
 async def poll(
     kube: Kube, owner: Mapping[str, Any], spec: PlatformSpec, state: PlatformState,
-    now: float | None = None,
+    now: float | None = None, generation: Any = _UNSET,
 ) -> dict[str, Any]:
-    """Run one autoscaling pass and write the status; returns the status written."""
-    now = time.time() if now is None else now
+    """Run one autoscaling pass and write the status; returns the status written.
+
+    `generation` is the metadata.generation `spec` was parsed from (kopf's body is live and may
+    have moved on since): the status claims only a spec that this pass applied.
+    """
     meta = owner["metadata"]
     ns, name = meta["namespace"], meta["name"]
+    if generation is _UNSET:
+        generation = meta.get("generation")
     previous = await current_status(kube, owner)
     # A template that differs from the spec is a rollout if the spec moved since we last
     # converged, and a hand edit being reverted otherwise.
-    spec_changed = meta.get("generation") != previous.get("observedGeneration")
-    deployments = await children.ensure_children(kube, owner, spec, spec_changed)
+    spec_changed = generation != previous.get("observedGeneration")
+    converged = await children.ensure_children(kube, owner, spec, spec_changed)
+    # A role whose Deployment cannot be read or created is not scaled; the other one still is.
+    deployments = converged.deployments
 
-    snapshot, error = await read_metrics(kube, owner, spec, state, now)
+    reading = await read_metrics(kube, owner, spec, state, now)
+    pods = await list_pods(kube, owner)
+    # The clock after the reads: heartbeats written while the API server answered are not
+    # "from the future", and the decision's time is the time of what it decided on.
+    now = time.time() if now is None else now
+    snapshot = reading.snapshot
+    if snapshot is not None and pods is not None:
+        snapshot = snapshot.only_pods({role: [p["metadata"]["name"] for p in pods[role]] for role in pods})
+    reading = dataclasses.replace(reading, snapshot=snapshot)
+
+    failures = 0 if snapshot is not None else _stored_failures(previous) + 1
     if (snapshot is not None) != state.metrics_ok:
         if snapshot is None:
-            kopf.event(owner, type="Warning", reason="MetricsUnavailable", message=f"{error}; holding replicas")
-            log.warning("metrics unavailable for %s/%s: %s", ns, name, error)
+            events.post(owner, type="Warning", reason="MetricsUnavailable",
+                        message=f"{reading.error}; holding replicas")
+            log.warning("metrics unavailable for %s/%s: %s", ns, name, reading.error)
         elif state.metrics_ok is False:
-            kopf.event(owner, type="Normal", reason="MetricsRecovered", message="Redis readable again")
+            events.post(owner, type="Normal", reason="MetricsRecovered", message="Redis readable again")
             log.info("metrics recovered for %s/%s", ns, name)
         state.metrics_ok = snapshot is not None
+    partial = snapshot.failed_shards if snapshot is not None else ()
+    if partial and partial != state.failed_shards:
+        events.post(owner, type="Warning", reason="PartialMetrics",
+                    message=f"{'; '.join(partial)}; scaling up only until every shard answers")
+        log.warning("partial metrics for %s/%s: %s", ns, name, "; ".join(partial))
+    state.failed_shards = partial
 
-    loads = _loads(snapshot)
+    inputs = _inputs(snapshot, deployments)
+    stored = previous.get("recommendations") if isinstance(previous.get("recommendations"), Mapping) else {}
     decisions: dict[str, scaling.Decision] = {}
     for role in resources.ROLES:
+        if role not in deployments:
+            continue
+        policy = spec.policy(role)
         current = int((deployments[role].get("spec") or {}).get("replicas", 1))
-        decision = scaling.decide(spec.policy(role), current, loads[role], now, state.history[role])
+        past = history.merge(state.history[role], history.from_status(stored.get(role), now), policy, now)
+        given = inputs[role]
+        decision = scaling.decide(policy, current, given.load, now, past, unmeasured=given.unmeasured,
+                                  lower_bound=given.lower_bound, failures=failures, waited=given.waited)
         state.history[role] = decision.history
         decisions[role] = decision
 
-    protocol = decisions["protocol"]
-    if protocol.recommended < protocol.current or protocol.replicas < protocol.current:
+    protocol = decisions.get("protocol")
+    if protocol is not None and (protocol.recommended < protocol.current or protocol.replicas < protocol.current):
         # Set costs while a scale-down is pending, not only at the instant of it, so the
         # ReplicaSet controller's cache has them when replicas drop.
         try:
-            await set_deletion_costs(kube, owner, snapshot)
+            await set_deletion_costs(kube, owner, snapshot, pods, spec.protocol.target)
         except KubeError as exc:
             # Removing protocol pods blindly would cut the busiest ones as readily as idle ones:
             # better to keep them until the annotations can be written (workers still scale).
@@ -195,11 +309,12 @@ async def poll(
         deployments[role] = await kube.merge_patch(url, {"spec": {"replicas": decision.replicas}})
         last_scale_time = st.now_iso(now)
         last_scale_reason = f"{role}: {decision.message}"
-        kopf.event(owner, type="Normal", reason=decision.reason.value, message=last_scale_reason)
+        events.post(owner, type="Normal", reason=decision.reason.value, message=last_scale_reason)
         log.info("%s/%s scaled %s", ns, name, last_scale_reason)
 
     body_status: dict[str, Any] = {
-        "observedGeneration": meta.get("generation"),
+        # A generation is observed once its spec is applied: not while a child is rejected.
+        **({} if converged.errors else {"observedGeneration": generation}),
         "summary": st.summary(deployments),
         **{role: {
             "replicas": int((deployments[role].get("spec") or {}).get("replicas", 1)),
@@ -208,35 +323,46 @@ async def poll(
             "recommendedReplicas": d.recommended,
             "reason": d.reason.value,
         } for role, d in decisions.items()},
+        "recommendations": {role: history.to_status(d.history) for role, d in decisions.items()},
+        "failedReadings": failures,
         "lastScaleTime": last_scale_time,
         "lastScaleReason": last_scale_reason,
         "conditions": st.merge_conditions(
             previous.get("conditions"),
-            [st.readiness(deployments), _metrics_condition(snapshot, error), _scaling_condition(decisions)],
-            meta.get("generation"), now,
+            [converged.readiness(), _metrics_condition(reading, failures, spec),
+             *([_scaling_condition(decisions)] if decisions else [])],
+            generation, now,
         ),
     }
-    if snapshot is not None:
-        # Only overwrite the observations when we have new ones: stale numbers stay visible,
-        # next to MetricsAvailable=False, rather than turning into misleading zeros.
+    if snapshot is not None and not snapshot.partial:
+        # Only overwrite the observations when we have complete ones: stale numbers stay
+        # visible, next to MetricsAvailable=False, rather than turning into misleading zeros.
         body_status.update({
             "queueDepth": _replace_map(previous.get("queueDepth"), snapshot.queue_depth),
             "inFlight": _replace_map(previous.get("inFlight"), snapshot.in_flight),
             "totalQueueDepth": snapshot.total_queue_depth,
+            "workerHeld": snapshot.worker_held,
             "connections": snapshot.connections,
             "podConnections": _replace_map(previous.get("podConnections"), snapshot.pod_connections),
             "inboxBacklog": _replace_map(previous.get("inboxBacklog"), snapshot.inbox_backlog),
         })
     await write_status(kube, owner, body_status)
     gauges = exporter.PLATFORMS.setdefault((ns, name), exporter.PlatformGauges())
-    gauges.metrics_available = int(snapshot is not None and snapshot.protocol_reporting)
+    gauges.metrics_available = int(snapshot is not None and not snapshot.partial and snapshot.protocol_reporting)
+    gauges.partial = int(snapshot is not None and snapshot.partial)
+    gauges.failed_readings = failures
     gauges.desired = {role: d.replicas for role, d in decisions.items()}
     gauges.ready = {role: body_status[role]["readyReplicas"] for role in decisions}
-    if snapshot is not None:
+    if snapshot is not None and not snapshot.partial:
         gauges.connections = snapshot.connections
         gauges.queue_depth = snapshot.total_queue_depth
         gauges.rejected_heartbeats = snapshot.rejected_heartbeats
     return body_status
+
+
+def _stored_failures(previous: Mapping[str, Any]) -> int:
+    value = previous.get("failedReadings")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _replace_map(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,8 @@ class PlatformGauges:
     connections: int = 0
     queue_depth: int = 0
     rejected_heartbeats: int = 0
+    partial: int = 0  # 1 while some Redis shards cannot be read (sums are lower bounds)
+    failed_readings: int = 0  # failed readings in a row (the fallback's count)
 
 
 PLATFORMS: dict[tuple[str, str], PlatformGauges] = {}
@@ -37,6 +39,8 @@ HELP = {
     "parley_operator_connections": "Open WebSockets reported by fresh protocol heartbeats",
     "parley_operator_queue_depth": "Messages waiting in the worker channels, all shards",
     "parley_operator_rejected_heartbeats": "Malformed heartbeat hashes ignored at the last poll",
+    "parley_operator_partial_metrics": "1 while some Redis shards cannot be read: replicas may go up, not down",
+    "parley_operator_failed_readings": "Failed readings of Redis in a row (spec.scaling.fallback counts these)",
 }
 
 
@@ -57,6 +61,8 @@ def render() -> str:
         samples["parley_operator_connections"].append(f"{{{labels}}} {g.connections}")
         samples["parley_operator_queue_depth"].append(f"{{{labels}}} {g.queue_depth}")
         samples["parley_operator_rejected_heartbeats"].append(f"{{{labels}}} {g.rejected_heartbeats}")
+        samples["parley_operator_partial_metrics"].append(f"{{{labels}}} {g.partial}")
+        samples["parley_operator_failed_readings"].append(f"{{{labels}}} {g.failed_readings}")
     for metric, help_text in HELP.items():
         lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge"]
         lines += [metric + s for s in samples[metric]]

@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from parley_operator import autoscaler, children, exporter, resources
+from parley_operator import autoscaler, children, events, exporter, leader, resources
 from parley_operator import status as st
 from parley_operator.kube import Kube, login
 from parley_operator.spec import SpecError, parse_body
@@ -40,7 +40,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # No CRD/namespace scanning: the CRD is installed with the chart before the operator, and
     # skipping the scan removes cluster-wide list/watch on CRDs and namespaces from the RBAC.
     settings.scanning.disabled = True
-    memo.kube = Kube(lambda: login(settings))
+    events.reset()
+    # Writes stop the moment this process may no longer hold the leader Lease (leader.py).
+    memo.kube = Kube(lambda: login(settings), may_write=leader.may_write)
     memo.exporter = await exporter.start()
 
 
@@ -67,7 +69,7 @@ async def _invalid(kube: Kube, body: kopf.Body, exc: SpecError) -> None:
         body.metadata.get("generation"),
     )
     await autoscaler.write_status(kube, body, {"conditions": conditions})
-    kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc))
+    events.post(body, type="Warning", reason="InvalidSpec", message=str(exc))
 
 
 @kopf.on.resume(*RESOURCE)
@@ -83,17 +85,22 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, reason: str, logger: loggi
     async with _state(memo).lock:
         previous = await autoscaler.current_status(kube, body)
         spec_changed = body.metadata.get("generation") != previous.get("observedGeneration")
-        deployments = await children.ensure_children(kube, body, spec, spec_changed)
+        converged = await children.ensure_children(kube, body, spec, spec_changed)
         conditions = st.merge_conditions(
-            previous.get("conditions"), [st.readiness(deployments)],
+            previous.get("conditions"), [converged.readiness()],
             body.metadata.get("generation"),
         )
         await autoscaler.write_status(kube, body, {
-            "observedGeneration": body.metadata.get("generation"),
-            "summary": st.summary(deployments),
+            # A generation is observed once its spec is applied; a child the API server rejected
+            # keeps the previous one, and the poller retries (Ready=False ConvergeFailed says why).
+            **({} if converged.errors else {"observedGeneration": body.metadata.get("generation")}),
+            "summary": st.summary(converged.deployments),
             "conditions": conditions,
         })
-    logger.info("children converged (%s)", reason)
+    if converged.errors:
+        logger.warning("children not converged (%s): %s", reason, converged.errors)
+    else:
+        logger.info("children converged (%s)", reason)
 
 
 @kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
@@ -106,10 +113,13 @@ async def autoscale(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStoppe
         while not stopped and not kube.closed:
             interval = 15.0
             try:
+                # The generation the spec is parsed from, read together (no await between):
+                # kopf's body is live, and the status must not claim a later, unapplied spec.
+                generation = body.metadata.get("generation")
                 spec = parse_body(body)
                 interval = float(spec.scaling.poll_interval_seconds)
                 async with state.lock:
-                    await autoscaler.poll(kube, body, spec, state)
+                    await autoscaler.poll(kube, body, spec, state, generation=generation)
             except SpecError:
                 pass  # reported by reconcile(); keep polling in case the spec gets fixed
             except kopf.TemporaryError as exc:

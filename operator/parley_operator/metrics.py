@@ -11,20 +11,25 @@ needs no network path to the pods and sees the same numbers on every poll:
   yet ZCARD still counts them, so we ZCOUNT only scores newer than `now - expiry`, exactly the
   cut-off channels-redis applies. Which shard holds a channel is the app's business: we sum
   every shard.
-* Per-process heartbeats `<prefix>:proc:<id>` (role, pod, connections, inbox, draining, ts), where
-  `<prefix>` is the platform's PARLEY_CHANNEL_PREFIX, so two platforms on one Redis never count
-  each other's processes. A process that died leaves its hash (until its TTL) and its inbox
-  behind; only hashes whose `ts` is fresh are trusted. Several processes may share a pod, so
-  values are summed per pod. A malformed hash (a count that is not a small non-negative integer,
-  a `pod` that is not the process's own) is rejected and logged; it never fails the poll.
+* Per-process heartbeats `<prefix>:proc:<id>` (role, pod, connections, inbox, held, draining,
+  ts), where `<prefix>` is the platform's PARLEY_CHANNEL_PREFIX, so two platforms on one Redis
+  never count each other's processes. Each shard keeps a registry of its live processes, the
+  sorted set `<prefix>:procs` scored by when each member's heartbeat expires: a poll reads the
+  members still live (no SCAN of the keyspace) and the hash of each. A process that died leaves
+  its hash (until its TTL) behind; only hashes whose `ts` is fresh are trusted, and only those
+  of processes that are not draining count as load. Several processes may share a pod, so
+  values are summed per pod. A malformed hash (a count that is not a small non-negative
+  integer, a `pod` that is not the process's own) is rejected and logged; it never fails the poll.
 
-Any shard failing makes the whole reading unavailable: a partial sum would look like a quiet
-system and scale it down, the one thing we must not do when blind.
+A shard that fails is reported in the Snapshot (`failed_shards`), and the reading is then a
+lower bound (`partial`): enough to scale up (waking workers from zero included), never to scale
+down. Only when every shard fails is the reading unavailable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import re
@@ -57,13 +62,19 @@ def heartbeat_prefix(prefix: str) -> str:
     return f"{prefix}:proc:"
 
 
+def registry_key(prefix: str) -> str:
+    """`<prefix>:procs`: on each shard, the processes whose heartbeat lives there, scored by the
+    time (epoch seconds) the heartbeat expires (see app/chat/contract.py)."""
+    return f"{prefix}:procs"
+
+
 def heartbeat_pattern(prefix: str) -> str:
     """The SCAN MATCH pattern of a platform's heartbeats, glob characters of the prefix escaped."""
     return _GLOB_SPECIAL.sub(r"\\\1", heartbeat_prefix(prefix)) + "*"
 
 
 class MetricsUnavailable(Exception):
-    """Redis could not be read completely; the message says which shard and why."""
+    """Redis could not be read at all; the message says which shards and why."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ class Heartbeat:
     inbox: int
     draining: bool
     ts: float
+    held: int = 0  # messages a worker took from Redis and has not stored yet (invisible in Redis)
 
 
 @dataclass(frozen=True)
@@ -86,19 +98,43 @@ class Snapshot:
     stale_heartbeats: int = 0
     shards: int = 1
     rejected_heartbeats: int = 0  # malformed hashes, ignored (and logged)
+    failed_shards: tuple[str, ...] = ()  # "<redacted url>: <error>" of each shard not read
+    oldest_queued: float | None = None  # enqueue time of the oldest live queued message, if any
+    unlisted_heartbeats: int = 0  # fresh heartbeats of pods that are gone or terminating
+
+    @property
+    def partial(self) -> bool:
+        """Some shards were not read: every sum is a lower bound."""
+        return bool(self.failed_shards)
+
+    @property
+    def serving(self) -> tuple[Heartbeat, ...]:
+        """The heartbeats that count as load: a draining process's clients are reconnecting
+        elsewhere, where they are counted again."""
+        return tuple(hb for hb in self.heartbeats if not hb.draining)
+
+    @property
+    def oldest_wait(self) -> float:
+        """Seconds the oldest live queued message has waited (0 with an empty queue)."""
+        return 0.0 if self.oldest_queued is None else max(0.0, self.taken_at - self.oldest_queued)
 
     @property
     def total_queue_depth(self) -> int:
         return sum(self.queue_depth.values())
 
     @property
+    def worker_held(self) -> int:
+        """Messages taken by workers and not stored yet: out of Redis, still work."""
+        return sum(hb.held for hb in self.serving if hb.role == "worker")
+
+    @property
     def worker_load(self) -> int:
         # Popped-but-unacknowledged (or stranded) messages will be delivered again: still work.
-        return self.total_queue_depth + sum(self.in_flight.values())
+        return self.total_queue_depth + sum(self.in_flight.values()) + self.worker_held
 
     def _per_pod(self, role: str, attr: str) -> dict[str, int]:
         per_pod: dict[str, int] = defaultdict(int)
-        for hb in self.heartbeats:
+        for hb in self.serving:
             if hb.role == role:
                 per_pod[hb.pod] += getattr(hb, attr)
         return dict(per_pod)
@@ -109,7 +145,17 @@ class Snapshot:
 
     @property
     def protocol_reporting(self) -> bool:
-        return any(hb.role == "protocol" for hb in self.heartbeats)
+        return any(hb.role == "protocol" for hb in self.serving)
+
+    def only_pods(self, pods: Mapping[str, Iterable[str]]) -> Snapshot:
+        """This snapshot without the heartbeats of pods not in `pods[role]` (the pods that exist
+        and are not terminating): a deleted or evicted pod's last heartbeat stays fresh for a
+        while after its clients have reconnected elsewhere, and would count them twice."""
+        listed = {role: set(names) for role, names in pods.items()}
+        kept = tuple(hb for hb in self.heartbeats if hb.pod in listed.get(hb.role, ()))
+        return dataclasses.replace(
+            self, heartbeats=kept,
+            unlisted_heartbeats=self.unlisted_heartbeats + len(self.heartbeats) - len(kept))
 
     @property
     def connections(self) -> int:
@@ -193,6 +239,7 @@ def check_heartbeat(process_id: str, fields: Mapping[bytes | str, bytes | str]) 
         inbox=_count(f, "inbox"),
         draining=f.get("draining", "0") in ("1", "true", "True"),
         ts=ts,
+        held=_count(f, "held"),
     )
 
 
@@ -240,21 +287,29 @@ class RedisMetrics:
             await client.aclose()
 
     async def read(self, channels: Iterable[str], now: float | None = None) -> Snapshot:
-        now = time.time() if now is None else now
+        """Read every shard. Freshness is judged by the clock after the reads (or `now`), so a
+        heartbeat written while a slow shard answered does not look "from the future"."""
         channels = tuple(channels)
-        reads = (self._read_shard(client, channels, now) for client in self._clients)
+        started = time.time() if now is None else now
+        reads = (self._read_shard(client, channels, started) for client in self._clients)
         results = await asyncio.gather(*reads, return_exceptions=True)
+        now = time.time() if now is None else now
         queue: dict[str, int] = dict.fromkeys(channels, 0)
         inflight: dict[str, int] = dict.fromkeys(channels, 0)
         fresh: list[Heartbeat] = []
+        failed: list[str] = []
+        oldest: float | None = None
         stale = rejected = 0
         for url, result in zip(self.urls, results, strict=True):
             if isinstance(result, BaseException):
                 if not isinstance(result, (RedisError, OSError, TimeoutError)):
                     raise result
-                raise MetricsUnavailable(f"Redis shard {redact(url)}: {type(result).__name__}: {result}")
-            shard_queue, shard_inflight, beats, bad = result
+                failed.append(f"Redis shard {redact(url)}: {type(result).__name__}: {result}")
+                continue
+            shard_queue, shard_inflight, beats, bad, shard_oldest = result
             rejected += bad
+            if shard_oldest is not None:
+                oldest = shard_oldest if oldest is None else min(oldest, shard_oldest)
             for ch in channels:
                 queue[ch] += shard_queue[ch]
                 inflight[ch] += shard_inflight[ch]
@@ -263,11 +318,28 @@ class RedisMetrics:
                     fresh.append(hb)
                 else:
                     stale += 1
-        return Snapshot(now, queue, inflight, tuple(fresh), stale, len(self.urls), rejected)
+        if len(failed) == len(self.urls):
+            raise MetricsUnavailable("; ".join(failed))
+        return Snapshot(now, queue, inflight, tuple(fresh), stale, len(self.urls), rejected, tuple(failed),
+                        oldest_queued=oldest)
+
+    async def _heartbeat_keys(self, client: aioredis.Redis, now: float) -> list[bytes | str]:
+        """The heartbeat keys of the processes registered live on this shard.
+
+        Members whose score (their heartbeat's expiry) has passed are dead processes that never
+        removed themselves (killed): skipped here, pruned by the next live process's heartbeat.
+        An empty registry means processes of an app older than the registry: SCAN for them.
+        """
+        registry = registry_key(self.prefix)
+        members = await client.zrangebyscore(registry, f"({now - CLOCK_SKEW_SECONDS}", "+inf")
+        start = heartbeat_prefix(self.prefix)
+        if members or await client.exists(registry):
+            return [start + (m.decode(errors="replace") if isinstance(m, bytes) else m) for m in members]
+        return [k async for k in client.scan_iter(match=heartbeat_pattern(self.prefix), count=1000)]
 
     async def _read_shard(
         self, client: aioredis.Redis, channels: Sequence[str], now: float,
-    ) -> tuple[dict[str, int], dict[str, int], list[Heartbeat], int]:
+    ) -> tuple[dict[str, int], dict[str, int], list[Heartbeat], int, float | None]:
         async with asyncio.timeout(self.timeout * 2):
             # channels-redis drops scores <= int(now) - expiry; count strictly newer ones.
             cutoff = f"({int(now) - int(self.expiry_seconds)}"
@@ -276,12 +348,16 @@ class RedisMetrics:
                 key = self.prefix + ch
                 pipe.zcount(key, cutoff, "+inf")
                 pipe.zcount(key + "$inflight", cutoff, "+inf")
+                # The oldest live message: how long work has waited (waking below the threshold).
+                pipe.zrangebyscore(key, cutoff, "+inf", start=0, num=1, withscores=True)
             counts = await pipe.execute()
-            queue = {ch: int(counts[2 * i]) for i, ch in enumerate(channels)}
-            inflight = {ch: int(counts[2 * i + 1]) for i, ch in enumerate(channels)}
+            queue = {ch: int(counts[3 * i]) for i, ch in enumerate(channels)}
+            inflight = {ch: int(counts[3 * i + 1]) for i, ch in enumerate(channels)}
+            firsts = [float(counts[3 * i + 2][0][1]) for i in range(len(channels)) if counts[3 * i + 2]]
+            oldest = min(firsts, default=None)
 
             start = heartbeat_prefix(self.prefix)
-            keys = [k async for k in client.scan_iter(match=heartbeat_pattern(self.prefix), count=1000)]
+            keys = await self._heartbeat_keys(client, now)
             beats: list[Heartbeat] = []
             rejected = 0
             if keys:
@@ -298,9 +374,11 @@ class RedisMetrics:
                         log.warning("ignoring heartbeat key %r: %s", name[:120], fields)
                         rejected += 1
                         continue
-                    hb = parse_heartbeat(name.removeprefix(start), fields or {})
+                    if not fields:
+                        continue  # registered, but its hash expired or was deleted: gone
+                    hb = parse_heartbeat(name.removeprefix(start), fields)
                     if hb is None:
                         rejected += 1
                     else:
                         beats.append(hb)
-            return queue, inflight, beats, rejected
+            return queue, inflight, beats, rejected, oldest

@@ -11,6 +11,14 @@ The model, one tick per second:
   with the same policy the operator would build from a ChatPlatform spec.
 
 It prints a summary and writes a PNG with queue depth, replicas and latency over time.
+
+`--profile edges` replays the operator at the edges (issue 14): an operator restart in the middle
+of a dip, then one of two Redis shards down for four minutes while the load rises. The operator
+keeps its recommendation history in the ChatPlatform's status and reads a partial sum as a lower
+bound; the orange lines replay the operator before that (a restart forgets the history, one
+shard down blinds the whole reading).
+
+    python -m parley_operator.simulate --profile edges --out docs/autoscaling-edges.png
 """
 
 from __future__ import annotations
@@ -37,6 +45,32 @@ DEFAULT_PROFILE = (
     Phase(300, 5), Phase(1200, 400), Phase(1800, 400), Phase(1801, 1200), Phase(1980, 1200),
     Phase(1981, 400), Phase(2400, 400), Phase(2520, 0), Phase(3600, 0),
 )
+
+
+# Ramp, hold, a rise to twice the load while one of two shards is down, back, a dip, quiet; the
+# operator restarts while the scale-down window holds the replicas the rise called for.
+EDGES_PROFILE = (
+    Phase(1, 5), Phase(300, 400), Phase(360, 400), Phase(420, 900), Phase(600, 900), Phase(660, 400),
+    Phase(1500, 400), Phase(1560, 150), Phase(1800, 150), Phase(1860, 400), Phase(2100, 400),
+    Phase(2160, 0), Phase(2700, 0),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Disruptions:
+    """What happens to the operator, not to the load."""
+
+    restarts: tuple[float, ...] = ()  # seconds at which the operator restarts
+    outages: tuple[tuple[float, float], ...] = ()  # (from, to): one shard unreadable
+    visible: float = 0.5  # the share of the queue on the shards still readable
+    # How the operator handles them: True as now (history in the status, a partial sum is a
+    # lower bound); False as before issue 14 (a restart forgets the history, one shard down
+    # makes the whole reading unavailable).
+    survives: bool = True
+
+
+NO_DISRUPTIONS = Disruptions()
+EDGES = Disruptions(restarts=(780.0,), outages=((360.0, 600.0),))
 
 
 def profile_rate(profile: Sequence[Phase]) -> Callable[[float], float]:
@@ -76,7 +110,7 @@ class Model:
 
 
 def simulate(policy: scaling.Policy, model: Model, rate: Callable[[float], float],
-             start_replicas: int | None = None) -> Trace:
+             start_replicas: int | None = None, disruptions: Disruptions = NO_DISRUPTIONS) -> Trace:
     rng = random.Random(model.seed)
     queue: collections.deque[list[float]] = collections.deque()  # [enqueued_at, count] FIFO buckets
     depth = 0.0
@@ -84,6 +118,7 @@ def simulate(policy: scaling.Policy, model: Model, rate: Callable[[float], float
     ready = desired
     starting: list[float] = []  # times at which pending pods become ready
     history: tuple[scaling.Recommendation, ...] = ()
+    restarted = False
     trace = Trace()
 
     for tick in range(int(model.duration)):
@@ -112,10 +147,23 @@ def simulate(policy: scaling.Policy, model: Model, rate: Callable[[float], float
         depth = max(0.0, depth - served)
         trace.handled += int(served)
 
+        if any(t == at for at in disruptions.restarts) and not disruptions.survives:
+            restarted = True  # before issue 14: the history was in memory only
+            history = ()
         if tick % int(model.poll_seconds) == 0:
             # What the operator sees: the live queue. (`$inflight` only holds messages between
             # pop and acknowledgement, milliseconds; it is not a measure of busy workers.)
-            decision = scaling.decide(policy, desired, depth, t, history)
+            out = any(start <= t < end for start, end in disruptions.outages)
+            seen: float | None = depth
+            if out:
+                seen = depth * disruptions.visible if disruptions.survives else None
+            rule = policy
+            if restarted:
+                # The first decision after a restart, as before issue 14: no seed, so the
+                # scale-down "window" is this one sample.
+                rule, restarted = dataclasses.replace(policy, down_window=0), False
+            decision = scaling.decide(rule, desired, seen, t, history, lower_bound=out,
+                                      failures=1 if seen is None else 0)
             history = decision.history
             if decision.replicas != desired:
                 trace.scale_events += 1
@@ -172,7 +220,8 @@ def summary(trace: Trace, model: Model) -> dict[str, float]:
 
 
 def plot(trace: Trace, policy: scaling.Policy, model: Model, out: Path, title: str,
-         baseline: Trace | None = None) -> None:
+         baseline: Trace | None = None, baseline_label: str = "without windows or step limits",
+         disruptions: Disruptions = NO_DISRUPTIONS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,7 +243,7 @@ def plot(trace: Trace, policy: scaling.Policy, model: Model, out: Path, title: s
     needed = [math.ceil(r / model.rate_per_worker) for r in trace.arrival_rate]
     if baseline is not None:
         ax_r.step(minutes, baseline.desired, where="post", color="tab:orange", alpha=0.6, linewidth=0.9,
-                  label="same rule without windows or step limits")
+                  label=f"same rule {baseline_label}")
     ax_r.step(minutes, trace.desired, where="post", color="tab:blue", label="desired replicas (operator)")
     ax_r.step(minutes, trace.ready, where="post", color="tab:green", label="ready replicas")
     ax_r.plot(minutes, needed, color="tab:gray", linestyle=":", label="arrival rate / worker rate")
@@ -205,7 +254,7 @@ def plot(trace: Trace, policy: scaling.Policy, model: Model, out: Path, title: s
 
     if baseline is not None:
         ax_l.plot(minutes, baseline.latency, color="tab:orange", alpha=0.6, linewidth=0.9,
-                  label=f"without windows/steps ({baseline.expired} messages expired)")
+                  label=f"{baseline_label} ({baseline.expired} messages expired)")
     ax_l.plot(minutes, trace.latency, color="tab:purple", label=f"queueing latency ({trace.expired} expired)")
     ax_l.axhline(model.expiry_seconds, color="tab:red", linewidth=0.8, linestyle="--",
                  label=f"channel expiry ({model.expiry_seconds:g} s): older messages are dropped")
@@ -214,6 +263,17 @@ def plot(trace: Trace, policy: scaling.Policy, model: Model, out: Path, title: s
     ax_l.legend(loc="upper left")
     ax_l.grid(alpha=0.3)
 
+    for ax in (ax_q, ax_r, ax_l):
+        for n, at in enumerate(disruptions.restarts):
+            ax.axvline(at / 60, color="black", linewidth=1.2, linestyle="-.",
+                       label="operator restart" if ax is ax_r and n == 0 else None)
+        for n, (start, end) in enumerate(disruptions.outages):
+            ax.axvspan(start / 60, end / 60, color="tab:red", alpha=0.08,
+                       label="one of two Redis shards down" if ax is ax_r and n == 0 else None)
+    if disruptions.restarts or disruptions.outages:
+        for ax in (ax_r, ax_l):
+            ax.legend(loc="upper left", fontsize="small", framealpha=0.6)
+
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -221,7 +281,10 @@ def plot(trace: Trace, policy: scaling.Policy, model: Model, out: Path, title: s
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m parley_operator.simulate", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("docs/autoscaling.png"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="PNG to write (default docs/autoscaling.png; docs/autoscaling-edges.png for edges)")
+    p.add_argument("--profile", choices=("default", "edges"), default="default",
+                   help="edges: an operator restart in a dip, then a shard outage while the load rises")
     p.add_argument("--peak", type=float, default=400.0, help="peak arrivals per second")
     p.add_argument("--spike", type=float, default=3.0, help="spike height as a multiple of the peak")
     p.add_argument("--rate", type=float, default=25.0, help="messages per second one worker handles")
@@ -241,10 +304,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    edges = args.profile == "edges"
+    out = args.out or Path("docs/autoscaling-edges.png" if edges else "docs/autoscaling.png")
     peak = args.peak
+    base = EDGES_PROFILE if edges else DEFAULT_PROFILE
     profile = tuple(
         dataclasses.replace(ph, rate=ph.rate / 400.0 * peak * (args.spike / 3.0 if ph.rate == 1200 else 1.0))
-        for ph in DEFAULT_PROFILE
+        for ph in base
     )
     policy = scaling.Policy(
         min_replicas=args.min, max_replicas=args.max, target=args.target, tolerance=args.tolerance / 100,
@@ -253,18 +319,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     model = Model(rate_per_worker=args.rate, startup_seconds=args.startup, poll_seconds=args.poll,
                   duration=profile[-1].until, seed=args.seed)
-    trace = simulate(policy, model, profile_rate(profile))
+    disruptions = EDGES if edges else Disruptions()
+    trace = simulate(policy, model, profile_rate(profile), disruptions=disruptions)
     result = summary(trace, model)
-    # The same ratio rule with no memory: what stabilization windows and step limits buy.
-    bare = dataclasses.replace(policy, up_window=0, down_window=0, max_step_up=1000, max_step_down=1000)
-    baseline = simulate(bare, model, profile_rate(profile))
-    title = (f"Worker autoscaling: target {args.target:g} msgs/replica, poll {args.poll:g}s, "
-             f"windows up {args.up_window:g}s / down {args.down_window:g}s, steps +{args.step_up}/-{args.step_down}")
-    plot(trace, policy, model, args.out, title, baseline)
-    print(f"{'':22}{'operator':>12}{'no windows':>12}")
+    if edges:
+        # The same rule and load, the operator as it was before issue 14.
+        label, column = "as before issue 14 (restart forgets, a shard down blinds)", "before"
+        baseline = simulate(policy, model, profile_rate(profile),
+                            disruptions=dataclasses.replace(disruptions, survives=False))
+        title = (f"Worker autoscaling at the edges: operator restart at minute {disruptions.restarts[0] / 60:g}, "
+                 f"a shard down minutes {disruptions.outages[0][0] / 60:g}-{disruptions.outages[0][1] / 60:g}")
+    else:
+        # The same ratio rule with no memory: what stabilization windows and step limits buy.
+        label, column = "without windows or step limits", "no windows"
+        bare = dataclasses.replace(policy, up_window=0, down_window=0, max_step_up=1000, max_step_down=1000)
+        baseline = simulate(bare, model, profile_rate(profile))
+        title = (f"Worker autoscaling: target {args.target:g} msgs/replica, poll {args.poll:g}s, windows up "
+                 f"{args.up_window:g}s / down {args.down_window:g}s, steps +{args.step_up}/-{args.step_down}")
+    plot(trace, policy, model, out, title, baseline, label, disruptions)
+    print(f"{'':22}{'operator':>12}{column:>12}")
     for key, value in result.items():
         print(f"{key:22}{value:>12}{summary(baseline, model)[key]:>12}")
-    print(f"plot: {args.out}")
+    print(f"plot: {out}")
     return result
 
 

@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from parley_operator import scaling
+from parley_operator import quantity, scaling
 
 DEFAULT_CHANNELS = ("chat.persist", "chat.bot")
-DRAIN_MARGIN_SECONDS = 10  # terminationGracePeriod = drain grace + this, so SIGKILL never cuts a drain
 
 
 class SpecError(ValueError):
@@ -52,6 +51,23 @@ class RoleSpec:
     target: int  # connections per pod (protocol) or queued messages per replica (worker)
     resources: Mapping[str, Any] = field(default_factory=dict)
     channels: tuple[str, ...] = ()  # worker only
+    activation: int = 0  # worker only: queue depth that wakes workers from zero must exceed this
+    cooldown_seconds: int = 0  # worker only: seconds without load before going to zero
+    ceiling: int | None = None  # protocol only: most connections one pod may have to hold
+
+
+@dataclass(frozen=True)
+class FallbackSpec:
+    """`spec.scaling.fallback` (KEDA's fallback): replicas to go up to after `failure_threshold`
+    failed readings of Redis in a row. A floor, never a scale-down: a role above it is held."""
+
+    failure_threshold: int = 3
+    protocol_replicas: int | None = None
+    worker_replicas: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.protocol_replicas is not None or self.worker_replicas is not None
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,7 @@ class ScalingSpec:
     max_scale_up_step: int = 10
     max_scale_down_step: int = 2
     tolerance_percent: int = 10
+    fallback: FallbackSpec = FallbackSpec()
 
 
 @dataclass(frozen=True)
@@ -91,8 +108,8 @@ class PlatformSpec:
     handshake_limit: HandshakeLimitSpec = HandshakeLimitSpec()
 
     @property
-    def termination_grace_seconds(self) -> int:
-        return self.drain_grace_seconds + DRAIN_MARGIN_SECONDS
+    def fallback(self) -> FallbackSpec:
+        return self.scaling.fallback
 
     def policy(self, role: str) -> scaling.Policy:
         r = self.protocol if role == "protocol" else self.worker
@@ -107,6 +124,14 @@ class PlatformSpec:
             max_step_up=s.max_scale_up_step,
             max_step_down=s.max_scale_down_step,
             metric="connections" if role == "protocol" else "queue depth",
+            activation=float(r.activation),
+            # Work below the activation threshold still wakes a worker once it has waited half
+            # the channel expiry: the other half is for a poll and a worker's start-up.
+            activation_max_wait=self.redis.expiry_seconds / 2,
+            cooldown=float(r.cooldown_seconds),
+            ceiling=None if r.ceiling is None else float(r.ceiling),
+            fallback_replicas=s.fallback.protocol_replicas if role == "protocol" else s.fallback.worker_replicas,
+            fallback_after=s.fallback.failure_threshold,
         )
 
 
@@ -131,6 +156,8 @@ DEFAULTS: dict[str, Any] = {
     "worker.maxReplicas": 10,
     "worker.channels": list(DEFAULT_CHANNELS),
     "worker.targetQueueDepthPerReplica": 100,
+    "worker.activationQueueDepth": 0,
+    "worker.scaleToZeroCooldownSeconds": 0,
     "worker.resources": DEFAULT_RESOURCES["worker"],
     "scaling.pollIntervalSeconds": 15,
     "scaling.scaleUpStabilizationSeconds": 0,
@@ -138,6 +165,7 @@ DEFAULTS: dict[str, Any] = {
     "scaling.maxScaleUpStep": 10,
     "scaling.maxScaleDownStep": 2,
     "scaling.tolerancePercent": 10,
+    "scaling.fallback.failureThreshold": 3,
     "drain.gracePeriodSeconds": 30,
 }
 
@@ -205,6 +233,37 @@ def _handshake_limit(spec: Mapping[str, Any]) -> HandshakeLimitSpec:
     return HandshakeLimitSpec(per_second=per_second, burst=burst, exempt=tuple(exempt))
 
 
+def _fallback(spec: Mapping[str, Any]) -> FallbackSpec:
+    raw = (spec.get("scaling") or {}).get("fallback")
+    if not raw:
+        return FallbackSpec()
+    fallback = FallbackSpec(
+        failure_threshold=_get(spec, "scaling.fallback.failureThreshold"),
+        protocol_replicas=raw.get("protocolReplicas"),
+        worker_replicas=raw.get("workerReplicas"),
+    )
+    if not fallback.enabled:
+        raise SpecError("spec.scaling.fallback: set protocolReplicas, workerReplicas or both")
+    return fallback
+
+
+def _resources(where: str, value: Any) -> Mapping[str, Any]:
+    """Container resources, checked here as well as by the CRD: a quantity the API server would
+    reject (`"1Gb"`, `0.5`) must fail with a message here, not as a 422 on the Deployment."""
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{where}: {value!r} is not an object {{requests, limits}}")
+    for kind in ("requests", "limits"):
+        amounts = value.get(kind) or {}
+        if not isinstance(amounts, Mapping):
+            raise SpecError(f"{where}.{kind}: {amounts!r} is not a map of quantities")
+        for name, amount in amounts.items():
+            try:
+                quantity.parse(amount)
+            except quantity.QuantityError as exc:
+                raise SpecError(f"{where}.{kind}.{name}: {exc}") from exc
+    return value
+
+
 def parse_body(body: Mapping[str, Any]) -> PlatformSpec:
     """parse() of a whole ChatPlatform object (its name and namespace give the default prefix)."""
     meta = body.get("metadata") or {}
@@ -257,12 +316,20 @@ def parse(spec: Mapping[str, Any], namespace: str | None = None, name: str | Non
         lo, hi = _get(spec, f"{role_name}.minReplicas"), _get(spec, f"{role_name}.maxReplicas")
         if lo > hi:
             raise SpecError(f"spec.{role_name}.minReplicas ({lo}) exceeds maxReplicas ({hi})")
+        target = _get(spec, f"{role_name}.{target_field}")
+        ceiling = (spec.get("protocol") or {}).get("maxConnectionsPerPod") if role_name == "protocol" else None
+        if ceiling is not None and ceiling < target:
+            raise SpecError(f"spec.protocol.maxConnectionsPerPod ({ceiling}) is below "
+                            f"targetConnectionsPerPod ({target})")
         return RoleSpec(
             min_replicas=lo,
             max_replicas=hi,
             target=_get(spec, f"{role_name}.{target_field}"),
-            resources=_get(spec, f"{role_name}.resources"),
+            resources=_resources(f"spec.{role_name}.resources", _get(spec, f"{role_name}.resources")),
             channels=tuple(_get(spec, "worker.channels")) if role_name == "worker" else (),
+            activation=_get(spec, "worker.activationQueueDepth") if role_name == "worker" else 0,
+            cooldown_seconds=_get(spec, "worker.scaleToZeroCooldownSeconds") if role_name == "worker" else 0,
+            ceiling=ceiling,
         )
 
     return PlatformSpec(
@@ -291,6 +358,7 @@ def parse(spec: Mapping[str, Any], namespace: str | None = None, name: str | Non
             max_scale_up_step=_get(spec, "scaling.maxScaleUpStep"),
             max_scale_down_step=_get(spec, "scaling.maxScaleDownStep"),
             tolerance_percent=_get(spec, "scaling.tolerancePercent"),
+            fallback=_fallback(spec),
         ),
         drain_grace_seconds=_get(spec, "drain.gracePeriodSeconds"),
         server=_get(spec, "protocol.server"),

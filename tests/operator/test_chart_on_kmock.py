@@ -45,7 +45,12 @@ async def test_rendered_chart_objects_become_a_running_platform(cluster: Cluster
     labels = deployments["protocol"]["spec"]["template"]["metadata"]["labels"]
     assert all(labels[k] == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
 
-    # The operator reads the Redis URLs from the chart's Secret and the heartbeats under the prefix.
+    # The operator reads the Redis URLs from the chart's Secret and the heartbeats under the prefix
+    # (of pods that exist: a gone pod's last heartbeat is a ghost).
+    await cluster.create("/api/v1/namespaces/ns/pods", {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": "chat-protocol-a", "namespace": "ns", "resourceVersion": "1",
+            "labels": {"app.kubernetes.io/instance": "chat", "app.kubernetes.io/component": "protocol"}}})
     client = redis.Redis.from_url(redis_url)
     client.hset("parley.ns.chat.:proc:chat-protocol-a-1-abc", mapping={
         "role": "protocol", "pod": "chat-protocol-a", "connections": 42, "inbox": 0, "draining": 0, "ts": time.time()})

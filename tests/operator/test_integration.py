@@ -103,6 +103,19 @@ async def test_reconcile_is_idempotent_and_reverts_hand_edits(cluster: Cluster, 
     await eventually(lambda: cluster.events("DriftReverted"))
 
 
+async def test_a_deployment_made_before_min_ready_seconds_gets_it(cluster: Cluster, operator: None,
+                                                                  redis_url: str) -> None:
+    """minReadySeconds bounds a rollout's concurrent drains (docs/operations.md); a Deployment an
+    older operator made without it must get it on the next converge, not only new ones."""
+    await cluster.create_platform(platform(redis_url))
+    await eventually(lambda: cluster.platform().raw.get("status", {}).get("worker"))
+    deployment = cluster.obj("apps/v1/deployments", "chat-protocol")
+    assert deployment.raw["spec"].get("minReadySeconds", 0) > 0
+    wanted = deployment.raw["spec"]["minReadySeconds"]
+    await cluster.patch("/apis/apps/v1/namespaces/ns/deployments/chat-protocol", {"spec": {"minReadySeconds": 0}})
+    await eventually(lambda: deployment.raw["spec"].get("minReadySeconds") == wanted, timeout=5)
+
+
 async def test_spec_change_rolls_out(cluster: Cluster, operator: None, redis_url: str) -> None:
     await cluster.create_platform(platform(redis_url))
     await eventually(lambda: cluster.exists("apps/v1/deployments", "chat-worker"))
@@ -180,7 +193,8 @@ async def test_protocol_scale_down_removes_least_loaded_pods_first(cluster: Clus
     heartbeat(redis_url, "p3", "chat-protocol-c", 150)
     heartbeat(redis_url, "p4", "chat-protocol-c", 50)  # two processes in one pod: summed
     heartbeat(redis_url, "dead", "chat-protocol-b", 9999, age=60)  # a dead process: ignored
-    # chat-protocol-d publishes nothing: unknown load, cheapest to lose.
+    # chat-protocol-d publishes nothing: unknown load, never the cheapest to lose (a busy pod's
+    # heartbeat can be late): it ranks above every known pod, and at least at the target.
 
     await cluster.create_platform(chat_platform(
         redis={"urls": [redis_url]}, scaling={**FAST, "maxScaleDownStep": 1},
@@ -198,7 +212,7 @@ async def test_protocol_scale_down_removes_least_loaded_pods_first(cluster: Clus
         "controller.kubernetes.io/pod-deletion-cost"] for pod in
         ("chat-protocol-a", "chat-protocol-b", "chat-protocol-c", "chat-protocol-d")}
     assert costs == {"chat-protocol-a": "500", "chat-protocol-b": "10", "chat-protocol-c": "200",
-                     "chat-protocol-d": "-1"}
+                     "chat-protocol-d": "1000"}
     assert cluster.replicas("protocol") == 3  # one step at a time (maxScaleDownStep=1)
     # The status is patched right after the scale: wait for it rather than race it.
     await eventually(lambda: cluster.platform().raw["status"].get("connections") == 710)
@@ -224,7 +238,10 @@ async def test_protocol_pods_are_held_when_they_cannot_be_ranked(
     # failing PATCH: kmock applies a PATCH to its stored object even when a reaction answers 403.)
     k8s["get", re.compile(r"/api/v1/namespaces/ns/pods")] << kmock.KubernetesError(
         status=403, reason="Forbidden", message="pods is forbidden")
-    heartbeat(redis_url, "p1", "chat-protocol-a", 10)
+    # Every replica reports (an unreported one would hold the scale-down by itself, assumed at
+    # target), so only the missing pod list holds it.
+    for pod in ("chat-protocol-a", "chat-protocol-b", "chat-protocol-c"):
+        heartbeat(redis_url, "p1", pod, 10)
     await cluster.create_platform(chat_platform(
         redis={"urls": [redis_url]}, scaling=FAST,
         protocol={"minReplicas": 1, "maxReplicas": 5, "targetConnectionsPerPod": 1000}))

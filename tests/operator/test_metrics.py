@@ -12,11 +12,14 @@ from channels_redis.core import RedisChannelLayer
 from embedded_redis import EmbeddedRedis, free_port
 from parley_operator.metrics import (
     BadHeartbeat,
+    Heartbeat,
     MetricsUnavailable,
     RedisMetrics,
+    Snapshot,
     check_heartbeat,
     parse_heartbeat,
     redact,
+    registry_key,
 )
 
 CHANNELS = ("chat.persist", "chat.bot")
@@ -99,22 +102,108 @@ async def test_only_fresh_heartbeats_count_summed_per_pod(urls: list[str]) -> No
     redis.Redis.from_url(urls[0]).hset("asgi:proc:broken", mapping={"role": "protocol"})  # no ts
 
     snapshot = await read(urls)
-    assert snapshot.pod_connections == {"web-a": 150, "web-b": 40}
-    assert snapshot.connections == 190
+    # web-b drains: its clients are reconnecting to the others, where they are counted.
+    assert snapshot.pod_connections == {"web-a": 150}
+    assert snapshot.connections == 150
     assert snapshot.draining_pods == {"web-b"}
     assert snapshot.stale_heartbeats == 1
     assert snapshot.protocol_reporting
     assert snapshot.inbox_backlog == {"worker-a": 3}
 
 
-async def test_a_dead_shard_makes_the_whole_reading_unavailable(urls: list[str]) -> None:
+async def test_a_dead_shard_leaves_a_lower_bound_and_says_which(urls: list[str]) -> None:
+    redis.Redis.from_url(urls[0]).zadd("asgichat.persist", {"m1": time.time(), "m2": time.time()})
     dead = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     started = time.monotonic()
-    with pytest.raises(MetricsUnavailable) as caught:
-        await read([*urls, dead], timeout=0.5)
+    snapshot = await read([*urls, dead], timeout=0.5)
     assert time.monotonic() - started < 3  # reported within a poll, not after a retry ladder
-    assert "127.0.0.1" in str(caught.value)
+    assert snapshot.partial and snapshot.shards == 3
+    assert snapshot.worker_load == 2  # what the live shards hold: a lower bound
+    [failure] = snapshot.failed_shards
+    assert "127.0.0.1" in failure and "hunter2" not in failure
+
+
+async def test_every_shard_dead_makes_the_reading_unavailable(urls: list[str]) -> None:
+    dead = [f"redis://:hunter2@127.0.0.1:{free_port()}/0" for _ in range(2)]
+    with pytest.raises(MetricsUnavailable) as caught:
+        await read(dead, timeout=0.5)
+    assert str(caught.value).count("Redis shard") == 2  # every failure reported
     assert "hunter2" not in str(caught.value)
+
+
+def _hb(pod: str, role: str = "protocol", **fields: object) -> Heartbeat:
+    base = {"process_id": f"{pod}-1-abc", "role": role, "pod": pod, "connections": 0, "inbox": 0,
+            "draining": False, "ts": 0.0}
+    return Heartbeat(**(base | fields))  # type: ignore[arg-type]
+
+
+def test_heartbeats_of_pods_that_are_gone_or_terminating_are_ignored() -> None:
+    snapshot = Snapshot(0.0, {}, {}, (
+        _hb("web-a", connections=100), _hb("web-gone", connections=100), _hb("w-a", "worker", held=7),
+        _hb("w-gone", "worker", held=50)))
+    listed = snapshot.only_pods({"protocol": ["web-a", "web-b"], "worker": ["w-a"]})
+    assert listed.connections == 100  # not 200: web-gone's clients reconnected to web-a
+    assert listed.worker_held == 7
+    assert listed.unlisted_heartbeats == 2
+
+
+async def test_held_messages_of_workers_are_worker_load(urls: list[str]) -> None:
+    now = time.time()
+    redis.Redis.from_url(urls[0]).zadd("asgichat.persist", {"m1": now})
+    redis.Redis.from_url(urls[1]).hset("asgi:proc:worker-a-1-ab", mapping={
+        "role": "worker", "pod": "worker-a", "connections": 0, "inbox": 0, "held": 120, "draining": 0, "ts": now})
+    snapshot = await read(urls)
+    assert snapshot.worker_held == 120
+    assert snapshot.worker_load == 121
+
+
+async def test_processes_are_found_through_the_registry_without_scan(urls: list[str]) -> None:
+    now = time.time()
+    client = redis.Redis.from_url(urls[0])
+    for pid, expires in (("web-a-1-aa", now + 15), ("web-b-1-bb", now - 30)):  # web-b was killed
+        client.hset(f"asgi:proc:{pid}", mapping={
+            "role": "protocol", "pod": pid[:5], "connections": 10, "inbox": 0, "draining": 0, "ts": now})
+        client.zadd(registry_key("asgi"), {pid: expires})
+    # Registered, its hash gone (deleted at exit): no process, no error.
+    client.zadd(registry_key("asgi"), {"web-c-1-cc": now + 15})
+    scans: list[object] = []
+    reader = RedisMetrics(urls)
+    original = reader._clients[0].scan_iter
+    reader._clients[0].scan_iter = lambda *a, **k: scans.append(a) or original(*a, **k)  # type: ignore[method-assign]
+    try:
+        snapshot = await reader.read(CHANNELS)
+    finally:
+        await reader.close()
+    assert snapshot.pod_connections == {"web-a": 10}  # web-b's expired member is not read
+    assert scans == []  # the registry answered: no SCAN of the keyspace
+
+
+async def test_a_shard_without_a_registry_is_scanned(urls: list[str]) -> None:
+    # Processes of an app older than the registry write only their hash.
+    redis.Redis.from_url(urls[1]).hset("asgi:proc:web-a-1-aa", mapping={
+        "role": "protocol", "pod": "web-a", "connections": 3, "inbox": 0, "draining": 0, "ts": time.time()})
+    assert (await read(urls)).pod_connections == {"web-a": 3}
+
+
+async def test_freshness_is_judged_after_the_reads() -> None:
+    class SlowRedis(RedisMetrics):
+        async def _read_shard(self, client, channels, now):  # type: ignore[no-untyped-def]
+            # The shard answers 10 s later, with a heartbeat written just now.
+            clock[0] += 10
+            beat = _hb("web-a", connections=5, ts=clock[0])
+            return dict.fromkeys(channels, 0), dict.fromkeys(channels, 0), [beat], 0, None
+
+    clock = [1000.0]
+    reader = SlowRedis(["redis://127.0.0.1:1/0"])
+    import parley_operator.metrics as metrics_module
+    real_time = metrics_module.time.time
+    metrics_module.time.time = lambda: clock[0]  # type: ignore[assignment]
+    try:
+        snapshot = await reader.read(CHANNELS)
+    finally:
+        metrics_module.time.time = real_time  # type: ignore[assignment]
+        await reader.close()
+    assert snapshot.connections == 5 and snapshot.stale_heartbeats == 0
 
 
 @pytest.mark.parametrize(("url", "shown"), [
@@ -223,3 +312,11 @@ def test_a_pod_name_longer_than_a_hostname_matches_its_truncated_hostname() -> N
     pod = "p" * 70  # hostname = the first 63 characters
     hb = parse_heartbeat(f"{'p' * 63}-12-abcdef", {**GOOD, "pod": pod})
     assert hb is not None and hb.pod == pod
+
+
+async def test_the_age_of_the_oldest_live_message_is_read(urls: list[str]) -> None:
+    now = time.time()
+    redis.Redis.from_url(urls[0]).zadd("asgichat.persist", {"new": now - 5, "dead": now - 600})
+    redis.Redis.from_url(urls[1]).zadd("asgichat.bot", {"older": now - 20})
+    snapshot = await read(urls)
+    assert 19 < snapshot.oldest_wait < 25  # the 600 s old one is dead (expired), not waiting

@@ -123,3 +123,118 @@ def test_history_is_pruned_to_the_longest_window() -> None:
 def test_policy_rejects_nonsense(bad: dict) -> None:
     with pytest.raises(ValueError):
         replace(BASE, **bad)
+
+
+# --- issue 14: the edges ------------------------------------------------------------------------
+
+PROTOCOL = Policy(min_replicas=2, max_replicas=20, target=100, down_window=300, max_step_down=2,
+                  metric="connections")
+
+
+def test_an_empty_history_is_seeded_with_the_current_replicas() -> None:
+    # A restart during a dip: 400 connections for 10 pods. Without a seed, 10 -> 8 -> 6 -> 4 in 30 s.
+    replicas, reasons = replay(PROTOCOL, 10, [(t, 400) for t in range(0, 316, 15)])
+    assert replicas[:3] == [10, 10, 10]
+    assert reasons[0] == Reason.DOWN_STABILIZING
+    # ...and once the window holds a whole window of real samples, it scales down as before.
+    assert replicas[-2:] == [10, 8]
+
+
+def test_the_seed_never_delays_a_scale_up() -> None:
+    # The seed (2, the current count) is not a sample: the up window's lowest is the real 9.
+    assert decide(replace(PROTOCOL, up_window=60), 2, 900, 0).replicas == 9
+
+
+@pytest.mark.parametrize(("current", "load", "expected", "reason"), [
+    (5, 100, 5, Reason.PARTIAL_METRICS),  # a lower bound of 1 pod's worth: never down
+    (2, 900, 9, Reason.SCALE_UP),  # at least 9 pods' worth: up
+    (0, 1, 1, Reason.SCALE_UP),  # one message on the readable shards wakes a worker
+])
+def test_a_partial_reading_scales_up_never_down(current: int, load: float, expected: int, reason: Reason) -> None:
+    policy = replace(BASE, min_replicas=0, down_window=0)
+    decision = decide(policy, current, load, 0.0, lower_bound=True)
+    assert (decision.replicas, decision.reason) == (expected, reason)
+
+
+@pytest.mark.parametrize(("failures", "current", "expected", "reason"), [
+    (1, 2, 2, Reason.NO_METRICS),  # below the threshold: hold
+    (3, 2, 6, Reason.FALLBACK),  # at the threshold: up to the fallback
+    (3, 9, 9, Reason.NO_METRICS),  # above the fallback: held, never lowered while blind
+    (3, 0, 6, Reason.FALLBACK),
+])
+def test_fallback_after_n_failed_readings(failures: int, current: int, expected: int, reason: Reason) -> None:
+    policy = replace(BASE, min_replicas=0, fallback_replicas=6, fallback_after=3)
+    decision = decide(policy, current, None, 0.0, failures=failures)
+    assert (decision.replicas, decision.reason) == (expected, reason)
+
+
+@pytest.mark.parametrize(("current", "load", "unmeasured", "expected"), [
+    (4, 100, 3, 4),  # 1 reporting at 100, 3 unknown: at target they make 400, no scale-down
+    (4, 100, 1, 2),  # 3 reporting, 100 in all, plus 1 at target: 200, so 2 (not 1)
+    (4, 900, 3, 9),  # the scale-up estimate counts the unknown at zero, and still goes up
+    (4, 0, 0, 1),  # all reporting, all idle: down
+])
+def test_replicas_without_a_metric_are_assumed_at_target_on_scale_down(
+    current: int, load: float, unmeasured: int, expected: int,
+) -> None:
+    policy = replace(BASE, down_window=0)
+    assert decide(policy, current, load, 0.0, unmeasured=unmeasured).replicas == expected
+
+
+@pytest.mark.parametrize(("current", "load", "expected"), [
+    (0, 5, 0), (0, 10, 0), (0, 11, 1),  # asleep: only above the activation threshold
+    (2, 5, 1),  # awake: the activation threshold plays no part
+])
+def test_activation_threshold(current: int, load: float, expected: int) -> None:
+    policy = replace(BASE, min_replicas=0, down_window=0, activation=10)
+    assert decide(policy, current, load, 0.0).replicas == expected
+
+
+def test_a_trickle_below_the_activation_threshold_still_wakes_a_worker_in_time() -> None:
+    # Below the threshold work would wait for more to come, and expire: not past the bound.
+    policy = replace(BASE, min_replicas=0, activation=10, activation_max_wait=30)
+    assert decide(policy, 0, 3, 0.0, waited=29).replicas == 0
+    assert decide(policy, 0, 3, 0.0, waited=30).replicas == 1
+
+
+def test_waking_from_zero_skips_the_scale_up_window() -> None:
+    policy = replace(BASE, min_replicas=0, up_window=120)
+    assert decide(policy, 0, 1, 0.0).replicas == 1  # the first message does not wait 120 s
+
+
+def test_scale_to_zero_waits_for_the_cooldown() -> None:
+    policy = replace(BASE, min_replicas=0, down_window=30, cooldown=120)
+    replicas, _ = replay(policy, 2, [(0, 150), (15, 0), (46, 0), (90, 0), (121, 0), (135, 0)])
+    assert replicas == [2, 2, 1, 1, 0, 0]  # to 1 after the 30 s window, to 0 after 120 s idle
+
+
+@pytest.mark.parametrize(("load", "expected"), [(9000, 3), (30000, 6), (50000, 10), (100, 2)])
+def test_the_survivors_of_a_drain_stay_under_the_per_pod_ceiling(load: float, expected: int) -> None:
+    policy = Policy(min_replicas=1, max_replicas=100, target=5000, ceiling=6000, down_window=0,
+                    max_step_up=100, max_step_down=100)
+    decision = decide(policy, 1, load, 0.0)
+    assert decision.replicas == expected
+    assert load / (decision.replicas - 1) <= 6000  # one pod drains: the others take its sockets
+
+
+def test_compaction_keeps_exactly_what_the_windows_need() -> None:
+    import random
+
+    from parley_operator.scaling import Recommendation, compact
+
+    rng = random.Random(14)
+    policy = replace(BASE, up_window=45, down_window=120, cooldown=200)
+    history: list[Recommendation] = []
+    for step in range(400):
+        now = step * 15.0
+        history.append(Recommendation(now, rng.randint(0, 12)))
+        kept = compact(history, policy, now)
+        for later in (now, now + 14, now + 60, now + 119):
+            for window in (policy.up_window, policy.down_window, policy.cooldown):
+                full = [r.replicas for r in history if later - r.at <= window]
+                small = [r.replicas for r in kept if later - r.at <= window]
+                assert max(full, default=None) == max(small, default=None)
+                if window == policy.up_window:
+                    assert min(full, default=None) == min(small, default=None)
+        assert len(kept) < 40
+        history = list(kept)
