@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +69,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="worker processes per cluster")
     parser.add_argument("--logs", default=str(REPO / "var" / "faults"), help="process logs go here")
     args = parser.parse_args()
+    # `timeout`, `kill`, a CI runner: stop the cluster's processes too, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where started in the background
 
     database_url = choose_database()
     prepare(database_url)
@@ -92,7 +96,7 @@ def main() -> int:
             cluster = Cluster(database_url, Path(args.logs) / f"{name}-{int(time.time())}", shards=case.shards,
                               proxy_redis=case.proxy_redis, proxy_postgres=case.proxy_postgres, env=case.env,
                               worker_count=args.workers)
-            result = run_case(name, case.fault, cluster, case.traffic, args.seed, case.setup)
+            result = run_case(name, case.fault, cluster, case.traffic, args.seed, case.setup, case.verify)
             results.append(result)
             print(result.line(), flush=True)
             print(f"  facts={json.dumps(result.details.get('facts', {}), default=str)}", flush=True)

@@ -33,6 +33,12 @@ def record(results: list[Result], command: str) -> None:
         data[result.case] = {**result.as_dict(), "line": result.line(), "command": command, "at": when,
                              "commit": _commit()}
     JSON.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+    rewrite()
+
+
+def rewrite() -> None:
+    """docs/reliability.md's measured table, from docs/reliability.json."""
+    data = json.loads(JSON.read_text()) if JSON.exists() else {}
     if MARKDOWN.exists():
         text = MARKDOWN.read_text()
         pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
@@ -40,13 +46,17 @@ def record(results: list[Result], command: str) -> None:
 
 
 def table(data: dict[str, dict]) -> str:
-    rows = ["| Case | Acked | Lost | Duplicated | Gaps | Reordered | Unacked | Recovery (s) | p99 (ms) "
-            "| When, commit | Command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in data.items():
+    rows = ["| Case | Acked | Lost | Duplicated | Gaps | Reordered | Unacked | Recovery (s) | Late | Sender order "
+            "| p99 (ms) | When, commit | Command |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    from faults.cases import CASES
+
+    order = [*CASES, "soak"]
+    for name, r in sorted(data.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)):
         recovery = "—" if r.get("recovery_s") is None else f"{r['recovery_s']:.1f}"
         seed = f" (seed {r['seed']})" if name == "soak" else ""
         rows.append(
             f"| `{name}`{seed} | {r['acked']} | {r['lost']} | {r['duplicated']} | {r['gaps']} | {r['reordered']} "
-            f"| {r['unacked']} | {recovery} | {r.get('latency_p99_ms')} | {r['at']}, `{r['commit']}` "
+            f"| {r['unacked']} | {recovery} | {r['late']} | {r['sender_order']} | {r.get('latency_p99_ms')} "
+            f"| {r['at']}, `{r['commit']}` "
             f"| `{r['command']}` |")
     return "\n".join(rows)

@@ -211,6 +211,7 @@ def run_case(
     traffic: Traffic | None = None,
     seed: int | None = None,
     setup: Callable[[Cluster], None] | None = None,
+    verify: Callable[[CaseRun], None] | None = None,
 ) -> Result:
     """Start `cluster`, run the case, stop the cluster, check. Blocking; call where the ORM may run."""
     traffic = traffic or Traffic()
@@ -225,6 +226,8 @@ def run_case(
         live, duration = asyncio.run(drive(run, fault))
     finally:
         cluster.stop()
+    if verify is not None:
+        verify(run)
     result = check(name, run.history, live, stored_rows(fixture.rooms), run.history.latencies)
     result.recovery_s = recovery_seconds(run.history, run.healed_at)
     result.seed = seed
