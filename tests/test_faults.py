@@ -27,7 +27,7 @@ def test_the_promise_holds_through(name: str) -> None:
     case = CASES[name]
     cluster = Cluster(test_database_url(), LOG_DIR / f"faults-{name}", shards=case.shards,
                       proxy_redis=case.proxy_redis, proxy_postgres=case.proxy_postgres, env=case.env)
-    result = run_case(name, case.fault, cluster, case.traffic, setup=case.setup)
+    result = run_case(name, case.fault, cluster, case.traffic, setup=case.setup, verify=case.verify)
     print(result.line())
     assert result.ok, json.dumps(result.as_dict(), indent=1, default=str)
     assert result.acked > 0 and result.unacked == 0, result.line()
