@@ -87,6 +87,8 @@ def main() -> int:
         result = run_case("soak", soak.soak_fault(args.soak, faults), cluster, soak.soak_traffic(args.soak), seed)
         results.append(result)
         print(result.line(), flush=True)
+        if not result.ok:
+            print(json.dumps(result.as_dict(), indent=1, default=str)[:6000], flush=True)
     else:
         for name in args.case or list(cases.CASES):
             case = cases.CASES[name]

@@ -28,6 +28,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from faults.history import History, Send
 
 RETRYABLE = frozenset({"busy", "unavailable", "internal", "rate_limited"})
+# The `ref` of this client's join and resume frames, so that an error answering one is known.
+JOIN_REF = "join"
+RESUME_REF = "resume"
 # Reconnect backoff: first retry after ~100 ms, doubling to 2 s, full jitter (what the protocol
 # doc asks of clients; fast enough that a case's recovery time is the server's, not ours).
 BACKOFF_FIRST = 0.1
@@ -178,11 +181,30 @@ class DocumentedClient:
         self.awaiting = set(self.rooms)
         if not self.joined_once:
             for room in self.rooms:
-                await self._send({"type": "join", "room": room})
+                await self._send({"type": "join", "room": room, "ref": JOIN_REF})
         else:
             self.history.events["resumes"] += 1
-            await self._send({"type": "resume", "rooms": {str(r): self.history.view(self.name, r).have
-                                                          for r in self.rooms}})
+            await self._resume(self.rooms)
+
+    async def _resume(self, rooms: list[int]) -> None:
+        await self._send({"type": "resume", "ref": RESUME_REF,
+                          "rooms": {str(r): self.history.view(self.name, r).have for r in rooms}})
+
+    async def _enter_again(self, rooms: list[int], socket: object) -> None:
+        """Re-send the join or resume of `rooms` after a short jittered wait (the server answered
+        `unavailable`: a backend blipped), unless the connection changed meanwhile."""
+        await asyncio.sleep(self.rng.uniform(0.3, 1.0))
+        if self.socket is not socket or self.socket is None:
+            return  # the next connection resumes every room anyway
+        self.history.events["reentered"] += 1
+        try:
+            if not self.joined_once:
+                for room in rooms:
+                    await self._send({"type": "join", "room": room, "ref": JOIN_REF})
+            else:
+                await self._resume(rooms)
+        except (ConnectionClosed, OSError):
+            pass
 
     async def _send(self, frame: dict[str, Any]) -> None:
         if self.socket is not None:
@@ -259,8 +281,18 @@ class DocumentedClient:
     def _error(self, frame: dict[str, Any]) -> None:
         code = frame.get("code", "?")
         self.history.errors[code] += 1
-        send = self.pending.get(frame.get("ref") or "")
+        ref = frame.get("ref") or ""
+        send = self.pending.get(ref)
         if send is None:
+            room = frame.get("room")
+            # A join or resume the server could not serve right now (a shard or the database
+            # blipped), or a room whose catch-up failed ("send resume"): ask again shortly. A
+            # client that waited for an answer that never comes would never be back in the room.
+            if code in RETRYABLE and (ref in (JOIN_REF, RESUME_REF) or room in self.rooms):
+                rooms = [room] if room in self.rooms else sorted(self.awaiting)
+                if rooms:
+                    self.awaiting.update(rooms)
+                    asyncio.get_running_loop().create_task(self._enter_again(rooms, self.socket))
             return
         if code in RETRYABLE:
             # Retry after a short jittered wait rather than the full ack timeout.
@@ -352,8 +384,7 @@ class DocumentedClient:
         self.resumed_waiters.update(waiters)
         self.awaiting = set(self.rooms)
         try:
-            await self._send({"type": "resume", "rooms": {str(r): self.history.view(self.name, r).have
-                                                          for r in self.rooms}})
+            await self._resume(self.rooms)
             await asyncio.wait_for(asyncio.gather(*waiters.values()), timeout)
             return True
         except (TimeoutError, asyncio.CancelledError, ConnectionClosed):

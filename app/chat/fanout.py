@@ -315,7 +315,16 @@ class ShardSubscriber:
                 log.warning("room bus shard %s silent for %.0fs; reconnecting", self.name, DEAD_AFTER)
                 await connection.disconnect()
                 return
-            await connection.send_command("PING")
+            try:
+                await connection.send_command("PING")
+            except Exception as exc:
+                # Whatever failed (a reset, a timeout, a connection redis-py already closed, whose
+                # writer is None), this connection is done: close it so the reader fails and the
+                # supervisor reconnects. A pinger that died instead would leave a half-open
+                # connection read forever, and its error unretrieved in the log.
+                log.warning("room bus shard %s: PING failed (%s); reconnecting", self.name, type(exc).__name__)
+                await connection.disconnect()
+                return
 
     async def close(self) -> None:
         self.task.cancel()
