@@ -159,7 +159,9 @@ async def postgres_outage(run: CaseRun) -> None:
     proxy = run.cluster.pg_proxy
     assert proxy is not None
     run.mark_fault()
-    run.facts["terminated_backends"] = await run.blocking(terminate_backends, run.cluster.database_url)
+    ports = await run.blocking(proxy.upstream_ports)
+    run.facts["terminated_backends"] = await run.blocking(terminate_backends, run.cluster.database_url, ports)
+    run.expect(run.facts["terminated_backends"] > 0, "no Parley database session was there to terminate")
     await asyncio.sleep(2)
     proxy.refuse(True)
     run.facts["connections_reset"] = await run.blocking(proxy.reset_all)
@@ -168,15 +170,16 @@ async def postgres_outage(run: CaseRun) -> None:
     run.mark_healed()
 
 
-def terminate_backends(database_url: str) -> int:
-    """pg_terminate_backend on every other connection to the case's database."""
+def terminate_backends(database_url: str, client_ports: list[int]) -> int:
+    """pg_terminate_backend on the Parley processes' connections (those through the case's proxy,
+    known by their client port): never the harness's own, nor a test runner's on the same database."""
     import psycopg
 
     name = database_url.rsplit("/", 1)[1].split("?")[0]
     with psycopg.connect(database_url, autocommit=True) as connection:
         rows = connection.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
-            " AND backend_type = 'client backend'", (name,)).fetchall()
+            " AND backend_type = 'client backend' AND client_port = ANY(%s)", (name, client_ports)).fetchall()
     return len(rows)
 
 

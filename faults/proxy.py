@@ -75,6 +75,11 @@ class FaultProxy:
         client's own timeouts or pings can tell."""
         return self._call(self._blackhole()).result(10)
 
+    def upstream_ports(self) -> list[int]:
+        """The local ports of the proxy's open connections to its target: how the target (say,
+        PostgreSQL's pg_stat_activity.client_port) tells the proxied clients from everyone else."""
+        return self._call(self._upstream_ports()).result(10)
+
     def refuse(self, on: bool = True) -> None:
         """While on, a new connection is reset as soon as it is accepted."""
         self._loop.call_soon_threadsafe(setattr, self, "refusing", on)
@@ -116,6 +121,14 @@ class FaultProxy:
             link.reset()
         self.resets += len(links)
         return len(links)
+
+    async def _upstream_ports(self) -> list[int]:
+        ports = []
+        for link in self._links:
+            name = link.writers[1].get_extra_info("sockname")
+            if name:
+                ports.append(name[1])
+        return ports
 
     async def _blackhole(self) -> int:
         for link in self._links:

@@ -15,7 +15,7 @@ import pytest
 from faults.cases import CASES
 from faults.cluster import Cluster
 from faults.run import run_case
-from tests.conftest import LOG_DIR, test_database_url
+from tests import conftest
 
 # PostgreSQL is the truth in every deployment; the faults are those of a deployment. (On SQLite the
 # harness runs too, `python -m faults`, but two workers then take turns on one file.)
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.django_db(tran
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_promise_holds_through(name: str) -> None:
     case = CASES[name]
-    cluster = Cluster(test_database_url(), LOG_DIR / f"faults-{name}", shards=case.shards,
+    cluster = Cluster(conftest.test_database_url(), conftest.LOG_DIR / f"faults-{name}", shards=case.shards,
                       proxy_redis=case.proxy_redis, proxy_postgres=case.proxy_postgres, env=case.env)
     result = run_case(name, case.fault, cluster, case.traffic, setup=case.setup, verify=case.verify)
     print(result.line())
