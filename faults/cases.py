@@ -84,13 +84,17 @@ def drain_made_clients_reload(run: CaseRun) -> None:
 async def worker_kill(run: CaseRun) -> None:
     # A backlog first, so that the kill lands while the worker holds batches (at a trickle it
     # would mostly be waiting in BZPOPMIN, with nothing in hand).
+    # Only the victim is let go, so the backlog is in its hands (ZPOPMIN takes it at once) when
+    # it is killed a few milliseconds later, storing or publishing.
+    victim = run.cluster.workers[0]
     await run.blocking(run.cluster.pause_workers)
     await asyncio.sleep(1.5)
     retries_before = _retries(run)
-    await run.blocking(run.cluster.resume_workers)
-    await asyncio.sleep(0.02)
+    await run.blocking(run.cluster.resume_workers, [victim])
+    await asyncio.sleep(0.005)
     run.mark_fault()
-    await run.blocking(run.cluster.stop_worker, run.cluster.workers[0], signal.SIGKILL)
+    await run.blocking(run.cluster.stop_worker, victim, signal.SIGKILL)
+    await run.blocking(run.cluster.resume_workers)  # the other one
     await run.blocking(run.cluster.start_worker)
     await asyncio.sleep(3)
     took = await run.blocking(run.cluster.stop_worker, run.cluster.workers[0], signal.SIGTERM, 30.0)

@@ -186,8 +186,8 @@ class Cluster:
         for worker in self.workers:
             os.killpg(worker.pid, signal.SIGSTOP)
 
-    def resume_workers(self) -> None:
-        for worker in self.workers:
+    def resume_workers(self, workers: list[subprocess.Popen[bytes]] | None = None) -> None:
+        for worker in self.workers if workers is None else workers:
             os.killpg(worker.pid, signal.SIGCONT)
 
     # Redis.
