@@ -89,7 +89,7 @@ async def worker_kill(run: CaseRun) -> None:
     victim = run.cluster.workers[0]
     await run.blocking(run.cluster.pause_workers)
     await asyncio.sleep(1.5)
-    retries_before = _retries(run)
+    retries_before = run.history.retries()
     await run.blocking(run.cluster.resume_workers, [victim])
     await asyncio.sleep(0.005)
     run.mark_fault()
@@ -103,16 +103,13 @@ async def worker_kill(run: CaseRun) -> None:
     run.mark_healed()
     await asyncio.sleep(run.traffic.ack_timeout + 1)
     # What the killed worker held was lost unacked: its senders had to re-send it.
-    run.facts["resent_after_kill"] = _retries(run) - retries_before
+    run.facts["resent_after_kill"] = run.history.retries() - retries_before
 
 
 def kill_hit_a_batch(run: CaseRun) -> None:
     """The worker was killed holding work: its senders had to re-send (else the case tested nothing)."""
     run.expect(run.facts.get("resent_after_kill", 0) > 0, "the killed worker held nothing: the kill tested nothing")
 
-
-def _retries(run: CaseRun) -> int:
-    return sum(max(0, s.attempts - 1) for s in run.history.sends.values())
 
 
 # 4. Redis restarted empty: queues, presence, subscriptions all gone.

@@ -140,7 +140,7 @@ def check(
         "db_gaps": db_gaps, "closes": dict(history.closes), "errors": dict(history.errors),
         "events": dict(history.events), "connect_failures": history.connect_failures,
         "reloaded": sum(v.reloaded for v in history.views.values()),
-        "retries": sum(max(0, s.attempts - 1) for s in history.sends.values()),
+        "retries": history.retries(),
         "duplicate_acks": sum(s.duplicate_acks for s in history.sends.values()),
     })
     return result

@@ -94,6 +94,10 @@ class History:
         send = self.sends[client_msg_id] = Send(client_msg_id, room, sender, number, body, time.monotonic())
         return send
 
+    def retries(self) -> int:
+        """Sends beyond each message's first attempt, over the whole history."""
+        return sum(max(0, send.attempts - 1) for send in self.sends.values())
+
     def acked(self, client_msg_id: str, room: int, seq: int, duplicate: bool) -> Send | None:
         send = self.sends.get(client_msg_id)
         if send is None:

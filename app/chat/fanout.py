@@ -145,13 +145,18 @@ async def publish_many(items: Iterable[tuple[int, int | None, str]]) -> None:
     await _publish_by_shard(_room_messages(items))
 
 
-async def _publish_by_shard(messages: list[tuple[str, str]]) -> None:
-    """PUBLISH `(topic, payload)` pairs, pipelined per shard; order is kept within a shard."""
-    by_shard: dict[int, list[tuple[str, str]]] = {}
+def _by_shard(messages: list[tuple[str, str]]) -> dict[int, list[tuple[str, str]]]:
+    """`(topic, payload)` pairs grouped by the shard of their topic, in order within each."""
     urls = shard_urls()
+    by_shard: dict[int, list[tuple[str, str]]] = {}
     for name, payload in messages:
         by_shard.setdefault(shard_index(urls, name), []).append((name, payload))
-    for shard, batch in by_shard.items():
+    return by_shard
+
+
+async def _publish_by_shard(messages: list[tuple[str, str]]) -> None:
+    """PUBLISH `(topic, payload)` pairs, pipelined per shard; order is kept within a shard."""
+    for shard, batch in _by_shard(messages).items():
         await _publish_pipeline(shard, batch)
 
 
@@ -175,9 +180,6 @@ async def _publish_replies(messages: list[tuple[str, str]]) -> None:
     if not messages:
         return
     urls = shard_urls()
-    by_shard: dict[int, list[tuple[str, str]]] = {}
-    for name, payload in messages:
-        by_shard.setdefault(shard_index(urls, name), []).append((name, payload))
 
     async def to_any_shard(first: int, batch: list[tuple[str, str]]) -> None:
         for attempt in range(len(urls)):
@@ -189,7 +191,7 @@ async def _publish_replies(messages: list[tuple[str, str]]) -> None:
                 log.warning("replies to shard %d failed (%s)", shard, type(exc).__name__)
         metrics.LOST_REPLIES.inc(len(batch))
 
-    await asyncio.gather(*(to_any_shard(shard, batch) for shard, batch in by_shard.items()))
+    await asyncio.gather(*(to_any_shard(shard, batch) for shard, batch in _by_shard(messages).items()))
 
 
 class ShardSubscriber:
